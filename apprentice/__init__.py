@@ -1,0 +1,1 @@
+"""The apprentice: a retrieval-augmented UNet that generates in context from demonstrations."""

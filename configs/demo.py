@@ -1,0 +1,17 @@
+"""Demo: the embedded subject world, the whole pipeline on a 2-core CPU.
+
+`python -m suti.launch --config=configs/demo.py` runs it; `:64` selects 64x64 images.
+"""
+from suti import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.image_size = 64 if arg == "64" else 32
+  c.stages = "data"
+  c.data.world.num_train_subjects = 64
+  c.data.world.num_eval_subjects = 16
+  c.data.world.min_images = 3
+  c.data.world.max_images = 6
+  c.data.world.num_unseen_prompts = 4
+  return c

@@ -1,0 +1,39 @@
+"""Tiny: the test-suite config. Every stage finishes in seconds on one CPU core."""
+from suti import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  c = config_lib.base_config()
+  c.image_size = 16
+  c.stages = "data"
+  c.data.world.num_train_subjects = 8
+  c.data.world.num_eval_subjects = 4
+  c.data.world.min_images = 3
+  c.data.world.max_images = 4
+  c.data.world.num_unseen_prompts = 2
+  c.model.channels = 16
+  c.model.channel_mult = (1, 2)
+  c.model.attention_resolutions = (8,)
+  c.model.cross_attention_resolutions = (8,)
+  c.model.num_heads = 2
+  c.model.text_encoder.width = 32
+  c.model.text_encoder.num_layers = 1
+  c.model.text_encoder.num_heads = 2
+  c.diffusion.timesteps = 100
+  c.clip.num_steps = 20
+  c.clip.batch_size = 16
+  c.pretrain.num_steps = 20
+  c.pretrain.batch_size = 8
+  c.pretrain.warmup_steps = 2
+  c.pretrain.log_every = 5
+  c.pretrain.sample_every = 20
+  c.pretrain.checkpoint_every = 10
+  c.experts.num_experts = 4
+  c.experts.num_steps = 5
+  c.experts.batch_size = 2
+  c.experts.sample_steps = 10
+  c.apprentice.num_steps = 20
+  c.apprentice.batch_size = 4
+  c.evaluate.num_subjects = 2
+  return c

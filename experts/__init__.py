@@ -1,0 +1,1 @@
+"""Stage `experts`: K subject experts fine-tuned in parallel, their pseudo-targets, the buffer."""

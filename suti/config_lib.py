@@ -1,0 +1,255 @@
+"""The experiment config: one schema shared by every config file, and its validation.
+
+Config files in configs/ start from `base_config()` and override what differs, so every
+experiment has the same keys and `--config.a.b=value` works for all of them. `validate()` runs
+before any work starts and names the key and the bad value.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Every stage of the pipeline, in the order `suti.launch` runs them.
+PIPELINE_ORDER = ("data", "clip", "pretrain", "plan", "experts", "apprentice", "evaluate",
+                  "export")
+
+SOURCES = ("world", "dreambench", "folder")
+TEXT_ENCODERS = ("world", "clip", "t5")
+OPTIMIZERS = ("adam", "adafactor")
+SAMPLERS = ("ddpm", "ddim")
+SCHEDULES = ("cosine", "linear")
+PREDICTIONS = ("eps", "x0", "v")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key and the value."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with small, CPU-sized defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.image_size = 32
+  # Comma-separated stage names; `--stages` on the command line overrides it.
+  c.stages = "data"
+
+  # Devices: named mesh axes, sizes with -1 meaning "the rest". Code names axes, never counts.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.expert = -1   # experts stage: one expert (or a vmapped pack of them) per device
+  c.mesh.data = -1     # pretrain / apprentice: data parallel
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False      # jax.distributed.initialize() on multi-host pods
+  c.distributed.coordinator_address = ""  # empty: auto-detect (TPU VM metadata)
+  c.distributed.num_processes = 0         # 0: auto-detect
+  c.distributed.process_id = -1           # -1: auto-detect
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "world"   # one of SOURCES
+  c.data.path = ""          # folder for the dreambench / folder sources
+  c.data.min_demos = 3      # subjects with fewer usable images are skipped
+  c.data.max_demos = 10     # extra images of a subject are dropped (SuTI clusters: 3-10)
+  c.data.unique_token = ""  # DreamBench prompt placeholder {0}; SuTI needs no identifier token
+  c.data.folder_split = "train"  # split name the generic folder source is written to
+  c.data.world = ml_collections.ConfigDict()
+  c.data.world.seed = 0
+  c.data.world.num_train_subjects = 64
+  c.data.world.num_eval_subjects = 16
+  c.data.world.min_images = 3
+  c.data.world.max_images = 6
+  c.data.world.num_unseen_prompts = 4
+
+  c.model = ml_collections.ConfigDict()
+  c.model.channels = 32
+  c.model.channel_mult = (1, 2, 2)
+  c.model.num_res_blocks = 1
+  c.model.attention_resolutions = (8,)          # self-attention at these feature-map sizes
+  c.model.cross_attention_resolutions = (16, 8)  # text cross-attention at these sizes
+  c.model.num_heads = 4
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"
+  c.model.text_encoder = ml_collections.ConfigDict()
+  c.model.text_encoder.kind = "world"  # one of TEXT_ENCODERS
+  c.model.text_encoder.path = ""       # local Hugging Face directory for clip / t5
+  c.model.text_encoder.max_length = 16
+  c.model.text_encoder.width = 64
+  c.model.text_encoder.num_layers = 2
+  c.model.text_encoder.num_heads = 4
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "cosine"
+  c.diffusion.timesteps = 1000
+  c.diffusion.prediction = "eps"
+  c.diffusion.dynamic_threshold_percentile = 0.995
+
+  c.clip = ml_collections.ConfigDict()
+  c.clip.path = ""        # local HF CLIP directory; empty: train the world CLIP (stage clip)
+  c.clip.num_steps = 500
+  c.clip.batch_size = 64
+  c.clip.learning_rate = 1e-3
+
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.base_checkpoint = ""  # an existing base checkpoint: skip training
+  c.pretrain.num_steps = 1000
+  c.pretrain.batch_size = 16
+  c.pretrain.optimizer = "adam"
+  c.pretrain.learning_rate = 3e-4
+  c.pretrain.warmup_steps = 100
+  c.pretrain.caption_dropout = 0.1
+  c.pretrain.log_every = 50
+  c.pretrain.sample_every = 500
+  c.pretrain.checkpoint_every = 250
+
+  c.experts = ml_collections.ConfigDict()
+  c.experts.num_experts = 8         # K experts per round
+  c.experts.experts_per_device = 0  # 0: ceil(K / devices), packed with vmap
+  c.experts.num_steps = 100
+  c.experts.batch_size = 4
+  c.experts.optimizer = "adafactor"
+  c.experts.learning_rate = 1e-4
+  c.experts.sampler = "ddpm"
+  c.experts.sample_steps = 100
+  c.experts.guidance = 30.0
+  c.experts.samples_per_prompt = 1
+  c.experts.delta_clip_threshold = 0.02  # lambda, on raw cosine
+  c.experts.num_rounds = 0               # 0: until the dataset is exhausted
+
+  c.apprentice = ml_collections.ConfigDict()
+  c.apprentice.num_steps = 1000
+  c.apprentice.batch_size = 8
+  c.apprentice.optimizer = "adafactor"
+  c.apprentice.learning_rate = 1e-4
+  c.apprentice.num_train_demos = 3
+  c.apprentice.num_inference_demos = 4
+  c.apprentice.guidance = 15.0
+  c.apprentice.text_dropout = 0.1
+  c.apprentice.demo_dropout = 0.1
+  c.apprentice.finetune_steps = 0  # Dream-SuTI (paper: 500)
+
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.num_subjects = 8
+  c.evaluate.images_per_prompt = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.max_to_keep = 2
+  c.checkpoint.async_save = False
+  return c
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _positive_ints(config, keys, allow_zero=()):
+  for key in keys:
+    value = _get(config, key)
+    floor = 0 if key in allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < floor:
+      relation = ">= 0" if floor == 0 else "> 0"
+      raise ConfigError(f"{key} must be an integer {relation}, got {value!r}")
+
+
+def _choice(config, key, choices):
+  value = _get(config, key)
+  if value not in choices:
+    raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def parse_stages(stages: str | tuple | list) -> list[str]:
+  """'data, pretrain' -> ['data', 'pretrain'], in the order given, each name checked."""
+  if isinstance(stages, str):
+    names = [s.strip() for s in stages.split(",") if s.strip()]
+  else:
+    names = list(stages)
+  if not names:
+    raise ConfigError("stages must name at least one stage, got an empty list")
+  for name in names:
+    if name not in PIPELINE_ORDER:
+      raise ConfigError(f"stages: unknown stage {name!r}; known stages: "
+                        f"{', '.join(PIPELINE_ORDER)}")
+  return names
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every value a stage relies on; raises ConfigError naming the key and value."""
+  parse_stages(config.stages)
+  _positive_ints(config, [
+      "image_size", "data.min_demos", "data.max_demos", "data.world.num_train_subjects",
+      "data.world.num_eval_subjects", "data.world.min_images", "data.world.max_images",
+      "data.world.num_unseen_prompts", "model.channels", "model.num_res_blocks",
+      "model.num_heads", "model.text_encoder.max_length", "model.text_encoder.width",
+      "model.text_encoder.num_layers", "model.text_encoder.num_heads", "diffusion.timesteps",
+      "clip.num_steps", "clip.batch_size", "pretrain.num_steps", "pretrain.batch_size",
+      "pretrain.log_every", "pretrain.sample_every", "pretrain.checkpoint_every",
+      "experts.num_experts", "experts.experts_per_device", "experts.num_steps",
+      "experts.batch_size", "experts.sample_steps", "experts.samples_per_prompt",
+      "experts.num_rounds", "apprentice.num_steps", "apprentice.batch_size",
+      "apprentice.num_train_demos", "apprentice.num_inference_demos",
+      "apprentice.finetune_steps", "evaluate.num_subjects", "evaluate.images_per_prompt",
+      "checkpoint.max_to_keep", "pretrain.warmup_steps",
+  ], allow_zero=("experts.experts_per_device", "experts.num_rounds",
+                 "apprentice.finetune_steps", "pretrain.warmup_steps"))
+  _choice(config, "data.source", SOURCES)
+  _choice(config, "model.text_encoder.kind", TEXT_ENCODERS)
+  _choice(config, "pretrain.optimizer", OPTIMIZERS)
+  _choice(config, "experts.optimizer", OPTIMIZERS)
+  _choice(config, "apprentice.optimizer", OPTIMIZERS)
+  _choice(config, "experts.sampler", SAMPLERS)
+  _choice(config, "diffusion.schedule", SCHEDULES)
+  _choice(config, "diffusion.prediction", PREDICTIONS)
+
+  if config.data.source in ("dreambench", "folder") and not config.data.path:
+    raise ConfigError(f"data.path must name a folder when data.source={config.data.source!r}")
+  if config.data.min_demos > config.data.max_demos:
+    raise ConfigError(f"data.min_demos ({config.data.min_demos}) must be <= data.max_demos "
+                      f"({config.data.max_demos})")
+  world = config.data.world
+  if world.min_images > world.max_images:
+    raise ConfigError(f"data.world.min_images ({world.min_images}) must be <= "
+                      f"data.world.max_images ({world.max_images})")
+
+  mult = tuple(config.model.channel_mult)
+  if not mult or any(not isinstance(m, int) or m < 1 for m in mult):
+    raise ConfigError(f"model.channel_mult must be a non-empty tuple of positive integers, "
+                      f"got {mult!r}")
+  downsample = 2 ** (len(mult) - 1)
+  if config.image_size % downsample:
+    raise ConfigError(f"image_size must be divisible by the UNet's downsampling factor "
+                      f"{downsample} (2**(len(model.channel_mult)-1)), got {config.image_size}")
+  sizes = {config.image_size // 2**i for i in range(len(mult))}
+  for key in ("model.attention_resolutions", "model.cross_attention_resolutions"):
+    for res in _get(config, key):
+      if res not in sizes:
+        raise ConfigError(f"{key} has {res}, which is not one of the UNet's feature-map sizes "
+                          f"{sorted(sizes, reverse=True)}")
+  if config.model.channels % config.model.num_heads:
+    raise ConfigError(f"model.channels ({config.model.channels}) must be divisible by "
+                      f"model.num_heads ({config.model.num_heads})")
+  if not 0.0 <= config.model.dropout < 1.0:
+    raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
+
+  for key in ("pretrain.learning_rate", "experts.learning_rate", "apprentice.learning_rate",
+              "clip.learning_rate"):
+    if not _get(config, key) > 0:
+      raise ConfigError(f"{key} must be > 0, got {_get(config, key)!r}")
+  for key in ("pretrain.caption_dropout", "apprentice.text_dropout", "apprentice.demo_dropout"):
+    if not 0.0 <= _get(config, key) < 1.0:
+      raise ConfigError(f"{key} must be in [0, 1), got {_get(config, key)!r}")
+  for key in ("experts.guidance", "apprentice.guidance"):
+    if _get(config, key) < 0:
+      raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
+  if not 0.5 < config.diffusion.dynamic_threshold_percentile <= 1.0:
+    raise ConfigError(f"diffusion.dynamic_threshold_percentile must be in (0.5, 1], got "
+                      f"{config.diffusion.dynamic_threshold_percentile}")
+  if config.apprentice.num_train_demos > config.data.min_demos:
+    raise ConfigError(f"apprentice.num_train_demos ({config.apprentice.num_train_demos}) must "
+                      f"be <= data.min_demos ({config.data.min_demos}): every subject must "
+                      f"have that many demonstrations")
+
+  for axis in ("expert", "data"):
+    size = config.mesh[axis]
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      raise ConfigError(f"mesh.{axis} must be a positive integer or -1 (all devices), "
+                        f"got {size!r}")
+  return config

@@ -1,0 +1,1 @@
+"""Flax modules: the UNet and the text encoders."""
