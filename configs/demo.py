@@ -8,6 +8,9 @@ from suti import config_lib
 def get_config(arg=None):
   c = config_lib.base_config()
   c.image_size = 64 if arg == "64" else 32
+  # Attention sits at fixed fractions of the image, so the :64 variant is the same network.
+  c.model.attention_resolutions = (c.image_size // 4,)
+  c.model.cross_attention_resolutions = (c.image_size // 2, c.image_size // 4)
   c.stages = "data"
   c.data.world.num_train_subjects = 64
   c.data.world.num_eval_subjects = 16

@@ -12,6 +12,8 @@ def get_config(arg=None):
   del arg
   c = config_lib.base_config()
   c.image_size = 64
+  c.model.attention_resolutions = (c.image_size // 4,)
+  c.model.cross_attention_resolutions = (c.image_size // 2, c.image_size // 4)
   c.stages = "data"
   c.data.source = "dreambench"
   c.data.path = ""   # required: the DreamBench `dataset/` folder
