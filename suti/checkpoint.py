@@ -127,13 +127,20 @@ def _dtype(x):
   return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
 
 
+def _as_stored(x):
+  # Orbax stores typed PRNG keys (jax.random.key) as their uint32 key data.
+  if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.eval_shape(jax.random.key_data, x)
+  return x
+
+
 def _check_template(name, template, metadata, where):
   """Raises ValueError naming every path whose presence, shape or dtype differs.
 
   Orbax would silently cast a template of another dtype, so resuming could not be exact.
   """
   saved = _flat(metadata.tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-  wanted = _flat(template)
+  wanted = {path: _as_stored(x) for path, x in _flat(template).items()}
   problems = []
   missing = sorted(set(wanted) - set(saved))
   extra = sorted(set(saved) - set(wanted))
@@ -163,8 +170,8 @@ def _restore_args(template):
   """
   def fill(x):
     if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
-      device = jax.local_devices()[0]
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     return x
   template = jax.tree.map(fill, template)
   return ocp.args.PyTreeRestore(
@@ -198,11 +205,12 @@ class Checkpoints:
     if not read_only and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
                           or max_to_keep < 1):
       raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
+    self.read_only = read_only
+    # read_only is enforced here rather than with orbax's option, which logs warnings.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,
         enable_async_checkpointing=async_save,  # orbax defaults to True; we opt in explicitly
         create=not read_only,
-        read_only=read_only,
     )
     self._manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
                                           options=options)
@@ -225,6 +233,8 @@ class Checkpoints:
 
     Every save is written (no save-interval policy): callers decide when to save.
     """
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened read-only; cannot save step {step}")
     step = int(step)
     if step in self._manager.all_steps():
       logging.info("checkpoint step %d already exists in %s; not saving it again", step,
