@@ -15,12 +15,15 @@ Pure functions over a `Schedule` pytree; the denoiser is any function
 
 Guidance convention (`guided_prediction`): conditions c_0 (unconditional), c_1, ..., c_n and
 weights w_1..w_n give eps = eps(c_0) + sum_i w_i (eps(c_i) - eps(c_{i-1})). Weight 1 everywhere
-means no guidance (the output is eps(c_n)); weight 0 drops that condition. With two conditions
-this is Imagen's eps_u + w (eps_c - eps_u): SuTI's "guidance 30" (experts) is weights=[30.] and
-the apprentice's "guidance 15" is weights=[15.] (or one weight per condition once it guides
-text and demonstrations separately). Ho & Salimans write (1 + w') eps_c - w' eps_u: w = w' + 1.
+means no guidance (the output is eps(c_n)); w_i = 0 ignores what c_i adds to c_{i-1}. With
+two conditions this is Imagen's eps_u + w (eps_c - eps_u): SuTI's "guidance 30" (experts) is
+weights=[30.] and the apprentice's "guidance 15" is weights=[15.] (or one weight per condition
+once it guides text and demonstrations separately). Ho & Salimans write (1 + w') eps_c - w' eps_u:
+their w' is our w - 1.
 
-Schedules are built in float64 numpy, eagerly (outside jit), then stored as float32.
+Schedules are built in float64 numpy, eagerly, then stored as float32. `sample` respaces
+eagerly too: give it a concrete schedule (close over it inside your own jit / vmap), or respace
+beforehand and pass steps=None.
 """
 from __future__ import annotations
 
@@ -32,9 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCHEDULES = ("cosine", "linear")
-PREDICTIONS = ("eps", "x0", "v")
-SAMPLERS = ("ddpm", "ddim")
+from suti.config_lib import PREDICTIONS, SAMPLERS, SCHEDULES
+
 THRESHOLDS = ("dynamic", "static", "none")
 
 DenoiseFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
@@ -70,8 +72,11 @@ def _from_alphas_cumprod(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> S
   betas = 1.0 - ac / ac_prev
   post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
   # post_var[0] is 0; its log is only used where noise is masked out, so borrow step 1's.
-  post_logvar = np.log(np.append(post_var[1], post_var[1:]) if len(ac) > 1
-                       else np.maximum(post_var, 1e-20))
+  if len(ac) > 1:
+    post_var_for_log = np.append(post_var[1], post_var[1:])
+  else:
+    post_var_for_log = post_var
+  post_logvar = np.log(np.maximum(post_var_for_log, 1e-20))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   return Schedule(
       betas=f32(betas),
@@ -108,19 +113,21 @@ def from_config(config) -> Schedule:
 
 
 def respace(schedule: Schedule, num_steps: int | None) -> Schedule:
-  """Keeps `num_steps` evenly spaced steps (always the first and last), improved-DDPM style.
+  """Keeps `num_steps` evenly spaced steps (always the last and, if S > 1, the first).
 
   alpha_bar is unchanged at the kept steps and the betas are re-derived between them, so the
   respaced chain is a valid shorter diffusion. None or T returns the schedule unchanged.
+  Runs in numpy, eagerly: call it outside jit (`sample` does).
   """
   total = schedule.num_steps
   if num_steps is None or num_steps == total:
     return schedule
   if not 1 <= num_steps <= total:
     raise ValueError(f"num_steps must be in [1, {total}], got {num_steps}")
-  # Rebuild alpha_bar in float64 from the betas: float32 alpha_bar ratios lose the small betas.
-  ac = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
-  keep = np.round(np.linspace(0, total - 1, num_steps)).astype(np.int64)  # distinct if S <= T
+  # The float32 alpha_bar is what training noised with (q_sample), so it is the chain to keep.
+  ac = np.asarray(schedule.alphas_cumprod, np.float64)
+  # Counted down from T - 1 so that even one step starts from noise; distinct since S <= T.
+  keep = np.round(np.linspace(total - 1, 0, num_steps)).astype(np.int64)[::-1]
   return _from_alphas_cumprod(ac[keep], np.asarray(schedule.timesteps)[keep])
 
 
@@ -152,11 +159,13 @@ def prediction_target(schedule: Schedule, prediction: str, x0, noise, t):
 
 
 def eps_from_x0(schedule: Schedule, x_t, t, x0):
+  """The noise that takes x0 to x_t at step t."""
   return ((x_t - _at(schedule.sqrt_alphas_cumprod, t, x_t) * x0)
           / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))
 
 
 def x0_from_eps(schedule: Schedule, x_t, t, eps):
+  """The clean image x_t came from, given its noise."""
   return ((x_t - _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * eps)
           / _at(schedule.sqrt_alphas_cumprod, t, x_t))
 
@@ -230,6 +239,7 @@ def threshold_x0(x0, mode: str = "dynamic", percentile: float = 0.995):
   """Keeps predicted x0 in [-1, 1] so large guidance weights do not saturate the image.
 
   'dynamic' (Imagen): s = max(1, quantile(|x0|, percentile)) per sample, clip to [-s, s], / s.
+    `percentile` is a quantile in (0, 1] (0.995: Imagen's 99.5th percentile).
   'static': clip to [-1, 1]. 'none': unchanged.
   """
   if mode == "none":
