@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from suti.nn import initializers as init
+
 # Demo features for the extra attention: resolution -> tokens [B, N, C] or (tokens, mask [B, N]).
 ExtraContext = Mapping[int, Any]
 
@@ -40,6 +42,17 @@ def count_params(tree) -> int:
   return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def _conv(features, dtype, name, kernel_size=(3, 3), **kw):
+  return nn.Conv(features, kernel_size, dtype=dtype, name=name,
+                 **{"kernel_init": init.lecun_normal(), **kw})
+
+
+def _dense(features, dtype, name, **kw):
+  # DenseGeneral so attention can project straight to [..., heads, head_dim].
+  return nn.DenseGeneral(features, dtype=dtype, name=name,
+                         **{"kernel_init": init.lecun_normal(), **kw})
+
+
 def _group_norm(channels, name=None):
   # 32 groups as in DDPM/ADM; fewer when a tiny model has fewer channels. float32 for stability.
   return nn.GroupNorm(num_groups=math.gcd(32, channels), dtype=jnp.float32, name=name)
@@ -47,7 +60,9 @@ def _group_norm(channels, name=None):
 
 def _attend(q, k, v, mask=None):
   """Multi-head attention. q [B, N, H, D], k/v [B, M, H, D], mask [B, M] bool (True: attend)."""
-  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  # float32 logits and softmax even when computing in bfloat16.
+  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
@@ -66,16 +81,16 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, emb, train=False):
-    conv = lambda name, **kw: nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name=name, **kw)
-    h = conv("conv1")(nn.silu(_group_norm(x.shape[-1], "norm1")(x)))
-    scale, shift = jnp.split(nn.Dense(2 * self.out_channels, dtype=self.dtype, name="film")(
+    h = nn.silu(_group_norm(x.shape[-1], "norm1")(x))
+    h = _conv(self.out_channels, self.dtype, "conv1")(h)
+    scale, shift = jnp.split(_dense(2 * self.out_channels, self.dtype, "film")(
         nn.silu(emb))[:, None, None, :], 2, axis=-1)
     h = _group_norm(self.out_channels, "norm2")(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     # Zero init: every block starts as the identity, which keeps deep UNets stable early on.
-    h = conv("conv2", kernel_init=nn.initializers.zeros)(h)
+    h = _conv(self.out_channels, self.dtype, "conv2", kernel_init=init.zeros)(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
+      x = _conv(self.out_channels, self.dtype, "skip", kernel_size=(1, 1))(x)
     return (x + h).astype(self.dtype)
 
 
@@ -88,11 +103,9 @@ class SelfAttention(nn.Module):
   def __call__(self, x):
     b, hh, ww, c = x.shape
     h = _group_norm(c, "norm")(x).reshape(b, hh * ww, c)
-    qkv = nn.DenseGeneral((3, self.num_heads, c // self.num_heads), dtype=self.dtype,
-                          name="qkv")(h)
+    qkv = _dense((3, self.num_heads, c // self.num_heads), self.dtype, "qkv")(h)
     out = _attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    out = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                          name="out")(out)
+    out = _dense(c, self.dtype, "out", axis=(-2, -1), kernel_init=init.zeros)(out)
     return (x + out.reshape(x.shape)).astype(self.dtype)
 
 
@@ -106,13 +119,12 @@ class CrossAttention(nn.Module):
     b, hh, ww, c = x.shape
     heads, head_dim = self.num_heads, c // self.num_heads
     h = nn.LayerNorm(dtype=jnp.float32, name="norm")(x.reshape(b, hh * ww, c))
-    q = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="q")(h)
-    kv = nn.DenseGeneral((2, heads, head_dim), dtype=self.dtype, name="kv")(context)
+    q = _dense((heads, head_dim), self.dtype, "q")(h)
+    kv = _dense((2, heads, head_dim), self.dtype, "kv")(context)
     out = _attend(q, kv[:, :, 0], kv[:, :, 1], mask)
     # Zero init: a new attention layer (e.g. demo attention added to a trained base) starts as a
     # no-op, so the model's output is unchanged until it learns to use the new context.
-    out = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                          name="out")(out)
+    out = _dense(c, self.dtype, "out", axis=(-2, -1), kernel_init=init.zeros)(out)
     return (x + out.reshape(x.shape)).astype(self.dtype)
 
 
@@ -136,6 +148,7 @@ class _Stack(nn.Module):
   dropout: float = 0.0
   image_size: int = 32
   out_channels: int = 3
+  context_channels: int = 0  # width text is projected to for cross-attention; 0: channels
   dtype: Any = jnp.float32
 
   def resolution(self, level):
@@ -164,16 +177,19 @@ class Conditioning(_Stack):
   def __call__(self, t, text_tokens, text_mask):
     width = 4 * self.channels
     emb = sinusoidal_embedding(t, self.channels)
-    emb = nn.Dense(width, name="time_mlp_0")(emb)
-    emb = nn.Dense(width, name="time_mlp_1")(nn.silu(emb))
+    emb = _dense(width, jnp.float32, "time_mlp_0")(emb)
+    emb = _dense(width, jnp.float32, "time_mlp_1")(nn.silu(emb))
     # Imagen adds a pooled text embedding to the timestep embedding (masked mean over tokens;
     # an all-False mask pools to zero, the unconditional input).
     text_tokens = text_tokens.astype(jnp.float32)
     m = text_mask[..., None].astype(jnp.float32)
     pooled = (text_tokens * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    emb = emb + nn.Dense(width, name="text_pool")(nn.LayerNorm(name="text_pool_norm")(pooled))
-    # Frozen encoders (T5, CLIP) emit tokens on their own scales; normalise before cross-attention.
+    emb = emb + _dense(width, jnp.float32, "text_pool")(
+        nn.LayerNorm(name="text_pool_norm")(pooled))
+    # Frozen encoders (T5, CLIP) emit tokens on their own scales: normalise, then project once to
+    # a small context width, so the ~20 cross-attention layers need not each read 4096-d T5.
     context = nn.LayerNorm(name="text_norm")(text_tokens)
+    context = _dense(self.context_channels or self.channels, jnp.float32, "text_proj")(context)
     return emb.astype(self.dtype), context.astype(self.dtype)
 
 
@@ -190,7 +206,7 @@ class DownBlock(_Stack):
       h = self._attentions(h, j, self.level, context, context_mask, extra_context)
       skips.append(h)
     if self.level < len(self.channel_mult) - 1:
-      h = nn.Conv(out_ch, (3, 3), strides=(2, 2), dtype=self.dtype, name="downsample")(h)
+      h = _conv(out_ch, self.dtype, "downsample", strides=(2, 2))(h)
       skips.append(h)
     return h, skips
 
@@ -209,7 +225,7 @@ class UpBlock(_Stack):
     if self.level > 0:
       b, hh, ww, c = h.shape
       h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
-      h = nn.Conv(out_ch, (3, 3), dtype=self.dtype, name="upsample")(h)
+      h = _conv(out_ch, self.dtype, "upsample")(h)
     return h
 
 
@@ -223,7 +239,7 @@ class DownStack(_Stack):
 
   @nn.compact
   def __call__(self, x, emb, context, context_mask, extra_context=None, train=False):
-    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+    h = _conv(self.channels, self.dtype, "conv_in")(x.astype(self.dtype))
     skips = [h]
     for level in range(len(self.channel_mult)):
       h, level_skips = DownBlock(**_fields(self), level=level, name=f"down_blocks_{level}")(
@@ -258,8 +274,7 @@ class UpStack(_Stack):
           h, skips, emb, context, context_mask, extra_context, train)
     assert not skips, f"{len(skips)} skip connections left over"
     h = nn.silu(_group_norm(h.shape[-1], "norm_out")(h))
-    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                name="conv_out")(h)
+    h = _conv(self.out_channels, self.dtype, "conv_out", kernel_init=init.zeros)(h)
     return h.astype(jnp.float32)
 
 
@@ -278,7 +293,7 @@ class UNet(_Stack):
 
   def parts(self):
     """Unbound (Conditioning, DownStack, MidStack, UpStack), applied with params['cond'], ..."""
-    kw = _fields(self)
+    kw = dict(_fields(self), parent=None)  # top-level modules, not children of this UNet
     return Conditioning(**kw), DownStack(**kw), MidStack(**kw), UpStack(**kw)
 
   def setup(self):
@@ -293,6 +308,24 @@ class UNet(_Stack):
     h, skips = self.down(x, emb, context, text_mask, extra_context, train)
     h = self.mid(h, emb, context, text_mask, train)
     return self.up(h, skips, emb, context, text_mask, extra_context, train)
+
+
+def demo_context(skips, resolutions, num_demos=1, mask=None) -> dict:
+  """DownStack skips of B * num_demos demo images -> `extra_context` for B examples.
+
+  At each size r the last feature map (the level's final ResBlock) becomes r*r tokens, and the
+  num_demos demos of an example are concatenated: {r: (tokens [B, num_demos*r*r, C], mask)}.
+  mask [B, num_demos] bool drops demos (e.g. demo dropout for guidance); None keeps all.
+  """
+  out = {}
+  for r in resolutions:
+    feature = [s for s in skips if s.shape[1] == r][-1]
+    bk, _, _, c = feature.shape
+    tokens = feature.reshape(bk // num_demos, num_demos * r * r, c)
+    keep = (jnp.ones((bk // num_demos, num_demos), bool) if mask is None
+            else jnp.asarray(mask, bool))
+    out[r] = (tokens, jnp.repeat(keep, r * r, axis=1))
+  return out
 
 
 def from_config(config, **overrides) -> UNet:
@@ -320,3 +353,10 @@ def param_shapes(config, **overrides):
   """The UNet's params as ShapeDtypeStructs, without allocating them (works for the 2B model)."""
   model = from_config(config, **overrides)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(config)))["params"]
+
+
+def init_params(model: UNet, rng, config, **kwargs):
+  """model's params for inputs shaped by `config`, under jit (eager init compiles op by op: ~5x
+  slower on CPU). kwargs go to the model, e.g. extra_context to create demo-attention params."""
+  init = jax.jit(lambda rng, *args: model.init(rng, *args, **kwargs)["params"])
+  return init(rng, *dummy_inputs(config))

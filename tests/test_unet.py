@@ -1,0 +1,213 @@
+"""The Imagen-style UNet: shapes, the Down/Mid/Up seam, conditioning, size, vmap over experts."""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from suti.nn import unet as unet_lib
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name, arg=None):
+  # importlib, not ml_collections.config_flags: no absl flags in tests.
+  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def randomize(params, seed=1, scale=0.2):
+  """Fresh params are zero on every residual branch (and the output conv), so the output is 0
+  whatever the input; perturb every leaf so the conditioning paths are actually exercised."""
+  rng = np.random.default_rng(seed)  # numpy: jax.random would compile once per leaf shape
+  return jax.tree_util.tree_map(
+      lambda x: x + scale * rng.standard_normal(x.shape).astype(np.float32), params)
+
+
+def inputs(config, batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  te = config.model.text_encoder
+  x = rng.standard_normal((batch, config.image_size, config.image_size, 3)).astype(np.float32)
+  t = rng.integers(0, config.diffusion.timesteps, (batch,)).astype(np.int32)
+  tokens = rng.standard_normal((batch, te.max_length, te.width)).astype(np.float32)
+  mask = np.arange(te.max_length)[None] < np.array([5, 3][:batch])[:, None]
+  return x, t, tokens, mask
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = load_config("tiny")
+  model = unet_lib.from_config(config)
+  params = randomize(unet_lib.init_params(model, jax.random.PRNGKey(0), config))
+  apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+  return config, model, params, apply
+
+
+@pytest.mark.parametrize("image_size", [16, 32])
+def test_shapes(image_size):
+  config = load_config("tiny")
+  config.image_size = image_size
+  model = unet_lib.from_config(config)
+  x, t, tokens, mask = inputs(config)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x, t, tokens, mask)
+  out = jax.jit(model.apply)(variables, x, t, tokens, mask)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  # Zero-initialised output conv: a fresh model predicts exactly 0.
+  np.testing.assert_array_equal(out, 0.0)
+
+
+def test_params_are_plain_nested_dicts(tiny):
+  _, _, params, _ = tiny
+
+  def check(tree, path=()):
+    assert type(tree) is dict, path
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        check(value, path + (key,))
+      else:
+        assert value.dtype == jnp.float32, path + (key,)
+
+  check(params)
+  assert set(params) == {"cond", "down", "mid", "up"}
+
+
+def test_stacks_compose_to_the_unet(tiny):
+  config, model, params, apply = tiny
+  x, t, tokens, mask = inputs(config)
+  cond, down, mid, up = model.parts()
+
+  @jax.jit  # one program instead of op-by-op dispatch (every op compiles once on CPU)
+  def by_hand(params, x, t, tokens, mask):
+    emb, context = cond.apply({"params": params["cond"]}, t, tokens, mask)
+    h, skips = down.apply({"params": params["down"]}, x, emb, context, mask)
+    h = mid.apply({"params": params["mid"]}, h, emb, context, mask)
+    return up.apply({"params": params["up"]}, h, skips, emb, context, mask), skips
+
+  out, skips = by_hand(params, x, t, tokens, mask)
+  np.testing.assert_allclose(out, apply(params, x, t, tokens, mask), rtol=1e-5, atol=1e-5)
+  # The skips are every feature map of the DownStack, largest first.
+  assert [s.shape[1] for s in skips] == [16, 16, 8, 8]
+
+
+def test_text_conditions_the_output_and_padding_does_not(tiny):
+  config, _, params, apply = tiny
+  x, t, tokens, mask = inputs(config)
+  out = apply(params, x, t, tokens, mask)
+  other = tokens.copy()
+  other[:, 0] += np.random.default_rng(1).standard_normal(other.shape[-1])  # a kept token
+  assert np.abs(apply(params, x, t, other, mask) - out).max() > 1e-3
+  padding = tokens.copy()
+  padding[~mask] = 100.0  # tokens the mask drops
+  np.testing.assert_allclose(apply(params, x, t, padding, mask), out, rtol=1e-5, atol=1e-5)
+  # An all-False mask (the unconditional input) ignores the tokens entirely.
+  none = np.zeros_like(mask)
+  np.testing.assert_allclose(apply(params, x, t, tokens, none), apply(params, x, t, other, none),
+                             rtol=1e-5, atol=1e-5)
+  assert np.isfinite(apply(params, x, t, tokens, none)).all()
+
+
+def test_timestep_conditions_the_output(tiny):
+  config, _, params, apply = tiny
+  x, t, tokens, mask = inputs(config)
+  assert np.abs(apply(params, x, t, tokens, mask) - apply(params, x, t + 1, tokens, mask)).max() > 0
+
+
+def test_demo_attention_adds_params_and_starts_as_a_no_op(tiny):
+  config, _, params, apply = tiny
+  x, t, tokens, mask = inputs(config)
+  res = config.model.cross_attention_resolutions[0]
+  model = unet_lib.from_config(config, demo_attention_resolutions=(res,))
+  demos = jnp.asarray(np.random.default_rng(3).standard_normal((2, 7, 32)), jnp.float32)
+  extra = {res: (demos, jnp.ones((2, 7), bool))}
+  with_demo = jax.jit(model.init)(jax.random.PRNGKey(0), x, t, tokens, mask, extra)["params"]
+  apply_demo = jax.jit(lambda p, extra: model.apply({"params": p}, x, t, tokens, mask, extra))
+  flat, base_flat = (dict(jax.tree_util.tree_leaves_with_path(p)) for p in (with_demo, params))
+  new = set(flat) - set(base_flat)
+  assert set(base_flat) <= set(flat)  # no existing param renamed
+  assert new and all("demo_attentions" in jax.tree_util.keystr(k) for k in new)
+  assert any("up_blocks" in jax.tree_util.keystr(k) for k in new)
+  assert any("down_blocks" in jax.tree_util.keystr(k) for k in new)
+  # Base params + freshly initialised demo layers: the output is exactly the base model's.
+  merged = jax.tree_util.tree_map_with_path(
+      lambda k, v: base_flat.get(k, v), with_demo)
+  out = apply_demo(merged, extra)
+  np.testing.assert_allclose(out, apply(params, x, t, tokens, mask), rtol=1e-5, atol=1e-5)
+  # Trained (perturbed) demo layers do read the demos.
+  trained = randomize(merged, seed=5)
+  changed = apply_demo(trained, {res: (demos + 1.0, extra[res][1])})
+  assert np.abs(changed - apply_demo(trained, extra)).max() > 1e-3
+
+
+def test_demo_context_from_the_down_stack(tiny):
+  # The apprentice's wiring: encode B*K demos with the shared DownStack, attend to them.
+  config, model, params, _ = tiny
+  x, t, tokens, mask = inputs(config)
+  cond, down, _, _ = model.parts()
+  demos = np.random.default_rng(4).standard_normal((4,) + x.shape[1:]).astype(np.float32)
+  emb, context = cond.apply({"params": params["cond"]}, np.zeros(4, np.int32),
+                            np.repeat(tokens, 2, 0), np.repeat(mask, 2, 0))
+  _, skips = jax.jit(down.apply)({"params": params["down"]}, demos, emb, context,
+                                 np.repeat(mask, 2, 0))
+  keep = np.array([[True, False], [True, True]])
+  extra = unet_lib.demo_context(skips, (16, 8), num_demos=2, mask=keep)
+  feats, feats_mask = extra[8]
+  assert feats.shape == (2, 2 * 8 * 8, 32) and feats_mask.shape == (2, 128)
+  np.testing.assert_array_equal(feats[1, 64:], skips[-1][3].reshape(64, 32))
+  np.testing.assert_array_equal(feats_mask.sum(1), [64, 128])
+  demo_model = unet_lib.from_config(config, demo_attention_resolutions=(16, 8))
+  variables = jax.jit(demo_model.init)(jax.random.PRNGKey(0), x, t, tokens, mask, extra)
+  out = jax.jit(demo_model.apply)(variables, x, t, tokens, mask, extra)
+  assert out.shape == x.shape and np.isfinite(out).all()
+
+
+def test_vmap_over_stacked_experts(tiny):
+  config, model, params, apply = tiny
+  x, t, tokens, mask = inputs(config)
+  other = randomize(params, seed=7)
+  stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), params, other)
+  out = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, x, t, tokens, mask)))(stacked)
+  np.testing.assert_allclose(out[0], apply(params, x, t, tokens, mask), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out[1], apply(other, x, t, tokens, mask), rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_and_bfloat16(tiny):
+  _, _, params, apply = tiny
+  config = load_config("tiny")
+  x, t, tokens, mask = inputs(config)
+  config.model.dropout = 0.5
+  config.model.dtype = "bfloat16"
+  model = unet_lib.from_config(config)
+  run = jax.jit(lambda key: model.apply({"params": params}, x, t, tokens, mask, train=True,
+                                        rngs={"dropout": key}))
+  a, b = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
+  assert a.dtype == jnp.float32 and np.isfinite(a).all()
+  assert np.abs(a - b).max() > 0  # dropout is active in training
+  # bfloat16 compute stays close to the float32 model in eval mode.
+  evaluated = jax.jit(model.apply)({"params": params}, x, t, tokens, mask)
+  reference = apply(params, x, t, tokens, mask)
+  assert np.abs(evaluated - reference).max() < 0.1 * np.abs(reference).max()
+
+
+def test_init_under_jit_and_vmap_is_deterministic():
+  config = load_config("tiny")
+  model = unet_lib.from_config(config)
+  init = jax.jit(lambda key: model.init(key, *unet_lib.dummy_inputs(config))["params"])
+  keys = jax.random.split(jax.random.PRNGKey(0))
+  a, b = init(keys[0]), init(keys[0])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+  kernel = a["down"]["conv_in"]["kernel"]
+  assert 0.5 < np.std(kernel) * np.sqrt(np.prod(kernel.shape[:-1])) < 1.5  # LeCun normal
+  # vmap (e.g. K experts initialised at once) gives each key the params init gives it alone.
+  pair = jax.jit(jax.vmap(init))(keys)
+  jax.tree_util.tree_map(lambda p, q: np.testing.assert_array_equal(p[0], q), pair, a)
+  assert not np.allclose(pair["down"]["conv_in"]["kernel"][0], pair["down"]["conv_in"]["kernel"][1])
+
+
+def test_paper_config_has_about_2_1b_params():
+  shapes = unet_lib.param_shapes(load_config("paper"))
+  count = unet_lib.count_params(shapes)
+  assert abs(count - 2.1e9) / 2.1e9 < 0.1, count
