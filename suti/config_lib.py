@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   """The full schema with small, CPU-sized defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # XLA compiles are cached here across runs (a CPU compile of a train step takes ~10 s);
+  # empty disables. The env var JAX_COMPILATION_CACHE_DIR, when set, wins.
+  c.compilation_cache_dir = "~/.cache/suti/jax"
   c.image_size = 32
   # Comma-separated stage names; `--stages` on the command line overrides it.
   c.stages = "data"
@@ -97,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain.log_every = 50
   c.pretrain.sample_every = 500
   c.pretrain.checkpoint_every = 250
+  # Sample grids of held-out prompts: the base model's guidance and sampler for them.
+  c.pretrain.num_samples = 8
+  c.pretrain.sample_sampler = "ddim"
+  c.pretrain.sample_steps = 50
+  c.pretrain.sample_guidance = 3.0
 
   c.experts = ml_collections.ConfigDict()
   c.experts.num_experts = 8         # K experts per round
@@ -187,7 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "experts.num_rounds", "apprentice.num_steps", "apprentice.batch_size",
       "apprentice.num_train_demos", "apprentice.num_inference_demos",
       "apprentice.finetune_steps", "evaluate.num_subjects", "evaluate.images_per_prompt",
-      "checkpoint.max_to_keep", "pretrain.warmup_steps",
+      "checkpoint.max_to_keep", "pretrain.warmup_steps", "pretrain.num_samples",
+      "pretrain.sample_steps",
   ], allow_zero=("experts.experts_per_device", "experts.num_rounds",
                  "apprentice.finetune_steps", "pretrain.warmup_steps"))
   _choice(config, "data.source", SOURCES)
@@ -196,6 +205,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "experts.optimizer", OPTIMIZERS)
   _choice(config, "apprentice.optimizer", OPTIMIZERS)
   _choice(config, "experts.sampler", SAMPLERS)
+  _choice(config, "pretrain.sample_sampler", SAMPLERS)
   _choice(config, "diffusion.schedule", SCHEDULES)
   _choice(config, "diffusion.prediction", PREDICTIONS)
 
@@ -236,7 +246,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("pretrain.caption_dropout", "apprentice.text_dropout", "apprentice.demo_dropout"):
     if not 0.0 <= _get(config, key) < 1.0:
       raise ConfigError(f"{key} must be in [0, 1), got {_get(config, key)!r}")
-  for key in ("experts.guidance", "apprentice.guidance"):
+  for key in ("experts.guidance", "apprentice.guidance", "pretrain.sample_guidance"):
     if _get(config, key) < 0:
       raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
   if not 0.5 < config.diffusion.dynamic_threshold_percentile <= 1.0:

@@ -25,6 +25,7 @@ from suti import config_lib
 # that are missing here are not built yet; asking for one is an error before any work starts.
 STAGES = {
     "data": "suti.data.stage",
+    "pretrain": "suti.pretrain",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -75,6 +76,22 @@ def run_stages(config, workdir, stages: list[str]) -> dict:
   return summary
 
 
+def _quiet_libraries():
+  """Orbax and TFDS log every save and read at INFO through absl; keep warnings only."""
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def _enable_compilation_cache(directory: str):
+  import os
+  import jax
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not directory:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -92,6 +109,8 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value or
                          default_workdir(flags.FLAGS["config"].config_filename))
   from suti import mesh  # jax is imported only once the config is known to be valid
+  _quiet_libraries()
+  _enable_compilation_cache(config.compilation_cache_dir)
   from suti.data import builder, sources
   mesh.initialize_distributed(config.distributed)
   try:

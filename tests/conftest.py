@@ -1,6 +1,14 @@
 """Shared test fixtures. Tests run on CPU with one device; multi-device checks use subprocesses."""
 import importlib.util
+import os
 import pathlib
+import tempfile
+
+# One XLA compilation cache for the whole test session, subprocesses included: the same tiny
+# train steps and samplers are compiled by several tests (set before jax is imported).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "suti-test-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest
 

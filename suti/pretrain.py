@@ -1,0 +1,187 @@
+"""Stage `pretrain`: the base text-to-image model on the world's training subjects.
+
+Reads workdir/data (train pairs, eval prompts for sample grids); writes workdir/pretrain/:
+checkpoints/ (Orbax: trainable params, optimizer state, data position), logs/ (TensorBoard and
+metrics.jsonl), samples/step_NNNNNN.png, summary.json. Data-parallel over the mesh's `data`
+axis; re-running resumes from the last checkpoint, or returns at once when training is done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from suti import checkpoint as checkpoint_lib
+from suti import mesh as mesh_lib
+from suti import train_lib
+from suti.data import pipeline
+from suti.model import TextToImage
+from suti.nn.unet import count_params
+
+log = logging.getLogger("suti.pretrain")
+
+
+def stage_dir(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / "pretrain"
+
+
+def base_checkpoint_dir(config, workdir) -> pathlib.Path:
+  """Where the base model lives: the configured checkpoint, else this workdir's pretrain."""
+  if config.pretrain.base_checkpoint:
+    return pathlib.Path(config.pretrain.base_checkpoint)
+  return stage_dir(workdir) / "checkpoints"
+
+
+def load_base(config, workdir, model: TextToImage | None = None):
+  """(model, trainable, frozen) of the pre-trained base model, for the later stages."""
+  model = model or TextToImage(config)
+  directory = base_checkpoint_dir(config, workdir)
+  template, _ = model.abstract_init()
+  with checkpoint_lib.Checkpoints(directory, read_only=True) as ckpt:
+    restored = ckpt.restore(params=template)
+  if restored is None:
+    raise FileNotFoundError(f"no base model checkpoint in {directory}; run the pretrain stage "
+                            f"or set pretrain.base_checkpoint")
+  return model, restored.params, model.frozen_params()
+
+
+def make_train_step(model: TextToImage, tx: optax.GradientTransformation, seed: int):
+  """The pure update: (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state,
+  metrics). Noise and timesteps come from fold_in(seed, step), so a resumed run draws the
+  same numbers as an uninterrupted one."""
+  base_rng = jax.random.PRNGKey(seed)
+
+  def train_step(trainable, opt_state, frozen, batch, step):
+    rng = jax.random.fold_in(base_rng, step)
+    loss, grads = jax.value_and_grad(model.loss)(trainable, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  return train_step
+
+
+def make_transform(model: TextToImage, caption_dropout: float):
+  """One (image, caption) record -> model inputs; drops the caption for guidance."""
+
+  def transform(record, rng: np.random.Generator):
+    caption = record["caption"] if rng.random() >= caption_dropout else ""
+    tokens = model.tokenize([caption])
+    return {"image": train_lib.to_model_space(record["image"]),
+            "ids": tokens["ids"][0], "mask": tokens["mask"][0]}
+
+  return transform
+
+
+def sample_prompts(data_dir, count: int) -> list[str]:
+  """Fixed held-out prompts for the sample grids: eval subjects' captions and unseen prompts."""
+  prompts = []
+  for cluster in pipeline.ClusterSource(data_dir, "eval"):
+    prompts += [cluster.captions[0]] + cluster.prompts[:1]
+    if len(prompts) >= count:
+      break
+  return (prompts * count)[:count] if prompts else ["a ball"] * count
+
+
+def run(config, workdir) -> dict:
+  workdir = pathlib.Path(workdir)
+  out = stage_dir(workdir)
+  pc = config.pretrain
+  if pc.base_checkpoint:
+    model, trainable, _ = load_base(config, workdir)
+    return {"base_checkpoint": pc.base_checkpoint, "params": count_params(trainable),
+            "trained": False}
+  summary_path = out / "summary.json"
+  ckpt = checkpoint_lib.Checkpoints.from_config(out / "checkpoints", config)
+  if (ckpt.latest_step() or 0) >= pc.num_steps and summary_path.exists():
+    ckpt.close()
+    log.info("pretrain: complete at step %d; skipping", pc.num_steps)
+    return json.loads(summary_path.read_text())
+
+  model = TextToImage(config)
+  mesh = mesh_lib.mesh_from_config(config, "data")
+  if pc.batch_size % mesh.size:
+    raise ValueError(f"pretrain.batch_size ({pc.batch_size}) must be divisible by the "
+                     f"{mesh.size} devices of the 'data' mesh axis")
+  tx = train_lib.make_optimizer(pc.optimizer, pc.learning_rate, pc.warmup_steps)
+  trainable, frozen = model.init(jax.random.PRNGKey(config.seed))
+  opt_state = tx.init(trainable)
+
+  pairs = pipeline.PairSource(pipeline.ClusterSource(workdir / "data", "train"))
+  per_process_batch = pc.batch_size // jax.process_count()
+  data = pipeline.make_iterator(pairs, batch_size=per_process_batch, seed=config.seed,
+                                random_transform=make_transform(model, pc.caption_dropout))
+  restored = ckpt.restore(params=trainable, opt_state=opt_state)
+  step = 0
+  if restored is not None:
+    trainable, opt_state, step = restored.params, restored.opt_state, restored.step
+    data.set_state(restored.data_state)
+    log.info("pretrain: resumed from step %d", step)
+
+  replicated = mesh_lib.replicate((trainable, opt_state, frozen), mesh)
+  trainable, opt_state, frozen = replicated
+  repl_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  train_step = jax.jit(make_train_step(model, tx, config.seed), donate_argnums=(0, 1),
+                       out_shardings=(repl_sharding, repl_sharding, repl_sharding))
+  block = mesh_lib.needs_blocking(mesh)
+  prompts = sample_prompts(workdir / "data", pc.num_samples)
+  writer = train_lib.MetricWriter(out / "logs")
+  throughput = train_lib.Throughput()
+  start_step, start_time = step, time.time()
+  last_loss = float("nan")
+
+  def save_samples(at_step):
+    images = model.sample(trainable, frozen, prompts, jax.random.PRNGKey(config.seed + 1),
+                          sampler=pc.sample_sampler, steps=pc.sample_steps,
+                          guidance=pc.sample_guidance)
+    grid = train_lib.save_grid(out / "samples" / f"step_{at_step:06d}.png",
+                               train_lib.to_uint8(images), columns=min(8, len(prompts)))
+    writer.image(at_step, "samples", grid)
+
+  bar = train_lib.progress(pc.num_steps, step, "pretrain")
+  try:
+    while step < pc.num_steps:
+      batch = mesh_lib.shard_batch(next(data), mesh, "data")
+      trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
+                                                 jnp.int32(step))
+      if block:  # CPU with several devices: see mesh.needs_blocking
+        jax.block_until_ready(metrics)
+      step += 1
+      throughput.add(pc.batch_size)
+      if step % pc.log_every == 0 or step == pc.num_steps:
+        metrics = jax.device_get(metrics)
+        last_loss = float(metrics["loss"])
+        if not np.isfinite(last_loss):
+          raise FloatingPointError(f"pretrain: loss is {last_loss} at step {step}; the last "
+                                   f"checkpoint (step {ckpt.latest_step()}) is intact")
+        rate = throughput.rate()
+        writer.scalars(step, {"loss": last_loss, "grad_norm": metrics["grad_norm"],
+                              "images_per_second": rate})
+        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}")
+      bar.update(1)
+      if step % pc.checkpoint_every == 0 or step == pc.num_steps:
+        ckpt.save(step, params=trainable, opt_state=opt_state, config=config,
+                  data_state=data.get_state(), meta={"stage": "pretrain"})
+      if step % pc.sample_every == 0 or step == pc.num_steps:
+        save_samples(step)
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  seconds = time.time() - start_time
+  summary = {"steps": step, "final_loss": last_loss, "params": count_params(trainable),
+             "images_per_second": round((step - start_step) * pc.batch_size / seconds, 2),
+             "devices": mesh.size, "checkpoint": str(out / "checkpoints"),
+             "samples": str(out / "samples" / f"step_{step:06d}.png")}
+  tmp = summary_path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(summary, indent=1))
+  tmp.replace(summary_path)
+  return summary
