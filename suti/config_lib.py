@@ -83,11 +83,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.prediction = "eps"
   c.diffusion.dynamic_threshold_percentile = 0.995
 
+  # Scoring models. CLIP scores prompts (delta-CLIP filter, CLIP-T) and images (CLIP-I); the
+  # DINO ViT scores subject identity (DINO). With `path` empty, stage `clip` trains small
+  # world versions of both and saves them in the Hugging Face format the real ones use.
   c.clip = ml_collections.ConfigDict()
-  c.clip.path = ""        # local HF CLIP directory; empty: train the world CLIP (stage clip)
+  c.clip.path = ""        # local HF CLIP directory (or hub name when online)
   c.clip.num_steps = 500
   c.clip.batch_size = 64
   c.clip.learning_rate = 1e-3
+  c.clip.embed_dim = 64   # world CLIP: projection size
+  c.clip.width = 64       # world CLIP: both towers' hidden size
+  c.clip.num_layers = 2
+  c.clip.num_heads = 4
+  c.clip.patch_size = 4
+  c.clip.max_length = 16
+  c.dino = ml_collections.ConfigDict()
+  c.dino.path = ""        # local HF ViT directory (e.g. DINO ViT-S/16)
+  c.dino.num_steps = 500
+  c.dino.batch_size = 64
+  c.dino.learning_rate = 1e-3
+  c.dino.width = 64
+  c.dino.num_layers = 2
+  c.dino.num_heads = 4
+  c.dino.patch_size = 4
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.base_checkpoint = ""  # an existing base checkpoint: skip training
@@ -188,7 +206,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "data.world.num_unseen_prompts", "model.channels", "model.num_res_blocks",
       "model.num_heads", "model.text_encoder.max_length", "model.text_encoder.width",
       "model.text_encoder.num_layers", "model.text_encoder.num_heads", "diffusion.timesteps",
-      "clip.num_steps", "clip.batch_size", "pretrain.num_steps", "pretrain.batch_size",
+      "clip.num_steps", "clip.batch_size", "clip.embed_dim", "clip.width", "clip.num_layers",
+      "clip.num_heads", "clip.patch_size", "clip.max_length", "dino.num_steps",
+      "dino.batch_size", "dino.width", "dino.num_layers", "dino.num_heads", "dino.patch_size",
+      "pretrain.num_steps", "pretrain.batch_size",
       "pretrain.log_every", "pretrain.sample_every", "pretrain.checkpoint_every",
       "experts.num_experts", "experts.experts_per_device", "experts.num_steps",
       "experts.batch_size", "experts.sample_steps", "experts.samples_per_prompt",
@@ -240,7 +261,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
 
   for key in ("pretrain.learning_rate", "experts.learning_rate", "apprentice.learning_rate",
-              "clip.learning_rate"):
+              "clip.learning_rate", "dino.learning_rate"):
     if not _get(config, key) > 0:
       raise ConfigError(f"{key} must be > 0, got {_get(config, key)!r}")
   for key in ("pretrain.caption_dropout", "apprentice.text_dropout", "apprentice.demo_dropout"):
@@ -256,6 +277,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"apprentice.num_train_demos ({config.apprentice.num_train_demos}) must "
                       f"be <= data.min_demos ({config.data.min_demos}): every subject must "
                       f"have that many demonstrations")
+
+  for name in ("clip", "dino"):
+    if config.image_size % config[name].patch_size:
+      raise ConfigError(f"image_size ({config.image_size}) must be divisible by "
+                        f"{name}.patch_size ({config[name].patch_size})")
+    if config[name].width % config[name].num_heads:
+      raise ConfigError(f"{name}.width ({config[name].width}) must be divisible by "
+                        f"{name}.num_heads ({config[name].num_heads})")
 
   for axis in ("expert", "data"):
     size = config.mesh[axis]
