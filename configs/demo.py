@@ -11,7 +11,15 @@ def get_config(arg=None):
   # Attention sits at fixed fractions of the image, so the :64 variant is the same network.
   c.model.attention_resolutions = (c.image_size // 4,)
   c.model.cross_attention_resolutions = (c.image_size // 2, c.image_size // 4)
-  c.stages = "data"
+  c.stages = "data,pretrain"
+  # Sized by benchmarks/bench_pretrain.py (docs/RESULTS.md): ~17 images/s at 32x32 on 2 cores,
+  # flat in the batch size, so 300 steps of 16 is ~5 min of pre-training.
+  c.pretrain.num_steps = 300
+  c.pretrain.batch_size = 16
+  c.pretrain.warmup_steps = 30
+  c.pretrain.log_every = 25
+  c.pretrain.checkpoint_every = 100
+  c.pretrain.sample_every = 300
   c.data.world.num_train_subjects = 64
   c.data.world.num_eval_subjects = 16
   c.data.world.min_images = 3

@@ -44,4 +44,7 @@ def get_config(arg=None):
   c.apprentice.num_inference_demos = 4
   c.apprentice.guidance = 15.0
   c.apprentice.finetune_steps = 500
+  # Imagen's base model: batch 2048 on 256 TPU v4 chips, one 32 GiB device each.
+  c.plan.num_devices = 256
+  c.plan.device_memory_gib = 32.0
   return c

@@ -154,6 +154,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.num_subjects = 8
   c.evaluate.images_per_prompt = 1
 
+  # Stage `plan`: AOT compile of every stage's steps with abstract shapes, nothing allocated.
+  c.plan = ml_collections.ConfigDict()
+  c.plan.num_devices = 0          # 0: all devices of the target
+  c.plan.device_memory_gib = 0.0  # 0: the target's (this machine's RAM on CPU; TPU v4: 32)
+  c.plan.target = ""              # "": this machine; "tpu:v4:2x2x1" needs libtpu installed
+  c.plan.compile = True           # False: lower only (FLOPs, no memory figures)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 2
   c.checkpoint.async_save = False
@@ -285,6 +292,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config[name].width % config[name].num_heads:
       raise ConfigError(f"{name}.width ({config[name].width}) must be divisible by "
                         f"{name}.num_heads ({config[name].num_heads})")
+
+  if isinstance(config.plan.num_devices, bool) or not isinstance(config.plan.num_devices, int) \
+      or config.plan.num_devices < 0:
+    raise ConfigError(f"plan.num_devices must be an integer >= 0, got {config.plan.num_devices!r}")
+  if config.plan.device_memory_gib < 0:
+    raise ConfigError(f"plan.device_memory_gib must be >= 0, got {config.plan.device_memory_gib}")
+  if config.plan.target and not config.plan.target.startswith("tpu:"):
+    raise ConfigError(f"plan.target must be empty or 'tpu:<version>:<topology>', got "
+                      f"{config.plan.target!r}")
 
   for axis in ("expert", "data"):
     size = config.mesh[axis]

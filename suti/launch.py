@@ -25,7 +25,9 @@ from suti import config_lib
 # that are missing here are not built yet; asking for one is an error before any work starts.
 STAGES = {
     "data": "suti.data.stage",
+    "clip": "suti.scoring",
     "pretrain": "suti.pretrain",
+    "plan": "suti.plan",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,9 +80,8 @@ def run_stages(config, workdir, stages: list[str]) -> dict:
 
 def _quiet_libraries():
   """Orbax and TFDS log every save and read at INFO through absl; keep warnings only."""
+  # Only the 'absl' logger: suti's own loggers keep INFO (absl's handler on root prints them).
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def _enable_compilation_cache(directory: str):
@@ -111,11 +112,13 @@ def main(argv):
   from suti import mesh  # jax is imported only once the config is known to be valid
   _quiet_libraries()
   _enable_compilation_cache(config.compilation_cache_dir)
+  from suti import scoring
   from suti.data import builder, sources
   mesh.initialize_distributed(config.distributed)
   try:
     summary = run_stages(config, workdir, stages)
-  except (config_lib.ConfigError, sources.SourceError, builder.DatasetError) as e:
+  except (config_lib.ConfigError, sources.SourceError, builder.DatasetError,
+          scoring.ScoringModelError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps({"workdir": str(workdir), **summary}))
