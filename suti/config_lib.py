@@ -20,7 +20,11 @@ SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("eps", "x0", "v")
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+  """Bad user input (config, files, folders): `suti.launch` prints the message, exits 2."""
+
+
+class ConfigError(InputError):
   """A config value is invalid; the message names the key and the value."""
 
 

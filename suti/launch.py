@@ -25,7 +25,6 @@ from suti import config_lib
 # that are missing here are not built yet; asking for one is an error before any work starts.
 STAGES = {
     "data": "suti.data.stage",
-    "clip": "suti.scoring",
     "pretrain": "suti.pretrain",
     "plan": "suti.plan",
 }
@@ -112,13 +111,10 @@ def main(argv):
   from suti import mesh  # jax is imported only once the config is known to be valid
   _quiet_libraries()
   _enable_compilation_cache(config.compilation_cache_dir)
-  from suti import scoring
-  from suti.data import builder, sources
   mesh.initialize_distributed(config.distributed)
   try:
     summary = run_stages(config, workdir, stages)
-  except (config_lib.ConfigError, sources.SourceError, builder.DatasetError,
-          scoring.ScoringModelError, FileNotFoundError) as e:
+  except (config_lib.InputError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps({"workdir": str(workdir), **summary}))

@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from suti.config_lib import InputError
 from suti.data import images as images_lib
 from suti.data import sources
 from suti.data.types import SubjectCluster
@@ -25,7 +26,7 @@ FINGERPRINT_FILE = "build_config.json"
 SUMMARY_FILE = "build_summary.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
   """The dataset cannot be built or opened; the message says which path and why."""
 
 

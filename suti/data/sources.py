@@ -11,6 +11,7 @@ import pathlib
 import re
 from typing import Iterator
 
+from suti.config_lib import InputError
 from suti.config_lib import SOURCES as SOURCE_NAMES
 from suti.data import images as images_lib
 from suti.data.types import SubjectCluster
@@ -34,7 +35,7 @@ DEFAULT_PROMPT_TEMPLATES = (
 )
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
   """The source folder itself is unusable (missing, empty, malformed table)."""
 
 
