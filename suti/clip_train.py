@@ -281,7 +281,7 @@ def make_train_step(model, tx, image_size, mean, std):
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": loss, "accuracy": accuracy,
-                               "grad_norm": optax.global_norm(grads),
+                               "grad_norm": optax.tree.norm(grads),
                                "logit_scale": jnp.exp(params["logit_scale"])}
 
   return train_step
@@ -439,6 +439,9 @@ def train_world_clip(config, workdir) -> dict:
       if step % CHECKPOINT_EVERY == 0 or step == cc.num_steps:
         ckpt.save(step, params=params, opt_state=opt_state, config=config,
                   data_state=data.get_state(), meta={"stage": "clip"})
+  except BaseException:
+    writer.close()
+    raise
   finally:
     bar.close()
     ckpt.close()
