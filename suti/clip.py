@@ -150,8 +150,9 @@ def _load_pytorch_safetensors(model, filename):
   transformers' own from_pt path needs a randomly initialized model (seconds to minutes for a
   ViT-L); its renaming helper only needs the parameter shapes, so it gets the shape tree.
   """
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  from transformers import modeling_flax_pytorch_utils as pt_utils  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from safetensors import safe_open
+  from transformers import modeling_flax_pytorch_utils as pt_utils
   state = {}
   with safe_open(filename, framework="flax") as f:  # jax arrays: bfloat16 / float16 read too
     for key in f.keys():

@@ -64,11 +64,13 @@ def world_tokenizer_files(words) -> tuple[dict[str, int], list[tuple[str, str]]]
   its last token can ever merge: merge ranks never compete, words sharing suffixes share
   tokens, and each word ends as one token. Other text falls back to single bytes.
   """
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode  # pylint: disable=import-outside-toplevel
-  chars = list(bytes_to_unicode().values())
+  from transformers.models.clip import tokenization_clip  # pylint: disable=import-outside-toplevel
+  byte_symbols = tokenization_clip.bytes_to_unicode()  # byte-level BPE's printable bytes
+  chars = list(byte_symbols.values())
   vocab = chars + [c + "</w>" for c in chars]
   merges, known = [], set(vocab)
   for word in sorted({w.lower() for w in words}):
+    word = "".join(byte_symbols[b] for b in word.encode("utf-8"))
     suffix = word[-1] + "</w>"
     for ch in reversed(word[:-1]):
       merged = ch + suffix
@@ -179,11 +181,6 @@ def make_transform(tokenizer, max_length, world=None, subjects=()):
   return transform
 
 
-def _subjects(clusters) -> list:
-  """The world Subject of each cluster (None without a spec: real photos get no oracle)."""
-  return [world_lib.Subject.from_json(c.spec) if c.spec else None for c in clusters]
-
-
 class InMemoryPairs(grain.RandomAccessDataSource):
   """pipeline.PairSource's records, decoded once.
 
@@ -194,10 +191,12 @@ class InMemoryPairs(grain.RandomAccessDataSource):
 
   def __init__(self, clusters):
     images, self._captions, subjects = [], [], []
+    self.specs = []  # each cluster's world spec; empty for real photos
     for index, cluster in enumerate(clusters):
       images += cluster.images
       self._captions += cluster.captions
       subjects += [index] * len(cluster.images)
+      self.specs.append(cluster.spec)
     self._images, self._subjects = np.stack(images), np.asarray(subjects)
 
   def __len__(self):
@@ -395,16 +394,17 @@ def train_world_clip(config, workdir) -> dict:
     log.warning("clip.max_length=%d truncates the grammar's longest prompts (%d tokens)",
                 cc.max_length, longest)
 
-  train_clusters = pipeline.ClusterSource(workdir / "data", "train")
+  pairs = InMemoryPairs(pipeline.ClusterSource(workdir / "data", "train"))
   world = world_lib.from_config(config)
   # The oracle draws from many more subjects of the world's train split than the dataset
   # holds (see make_transform). Eval subjects are never among them: the world's split
-  # partitions identities, so the eval numbers below stay held out.
+  # partitions identities, so the eval numbers below stay held out. Real photos (no spec):
+  # no oracle, plain pairs.
   pool = (world.subjects("train", min(ORACLE_SUBJECTS, world.capacity("train")))
-          if all(s is not None for s in _subjects(train_clusters)) else [])
+          if all(pairs.specs) else [])
   group = 4 if pool else 1
   records = max(1, cc.batch_size // group)  # batch_size counts pairs
-  data = make_iterator(InMemoryPairs(train_clusters), batch_size=records, seed=config.seed,
+  data = make_iterator(pairs, batch_size=records, seed=config.seed,
                        random_transform=make_transform(tokenizer, cc.max_length, world, pool))
   tx = make_optimizer(cc.learning_rate, cc.num_steps)
   opt_state = tx.init(params)
