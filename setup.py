@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6",
     "grain>=0.2.18,<0.3",
     "array-record>=0.8.6,<0.9",
+    "msgpack>=1",
     "transformers>=4.57.6,<5",
     "pillow>=10",
     "numpy>=1.26,<3",

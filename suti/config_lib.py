@@ -139,6 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts.sample_steps = 100
   c.experts.guidance = 30.0
   c.experts.samples_per_prompt = 1
+  c.experts.prompts_per_subject = 1      # unseen prompts sampled per expert
+  c.experts.min_demos = 3                # subjects with fewer images are skipped (counted)
   c.experts.delta_clip_threshold = 0.02  # lambda, on raw cosine
   c.experts.num_rounds = 0               # 0: until the dataset is exhausted
 
@@ -224,6 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "pretrain.log_every", "pretrain.sample_every", "pretrain.checkpoint_every",
       "experts.num_experts", "experts.experts_per_device", "experts.num_steps",
       "experts.batch_size", "experts.sample_steps", "experts.samples_per_prompt",
+      "experts.prompts_per_subject", "experts.min_demos",
       "experts.num_rounds", "apprentice.num_steps", "apprentice.batch_size",
       "apprentice.num_train_demos", "apprentice.num_inference_demos",
       "apprentice.finetune_steps", "evaluate.num_subjects", "evaluate.images_per_prompt",

@@ -25,6 +25,7 @@ from suti import config_lib
 # that are missing here are not built yet; asking for one is an error before any work starts.
 STAGES = {
     "data": "suti.data.stage",
+    "clip": "suti.scoring",
     "pretrain": "suti.pretrain",
     "plan": "suti.plan",
 }

@@ -301,13 +301,7 @@ class _StopsAfter:
 def world_clip(tmp_path_factory):
   """The tiny config's data and a world CLIP trained on it for 60 steps, interrupted after the
   checkpoint at step 30 and resumed."""
-  config = load_config("tiny")
-  config.clip.num_steps = 60
-  config.clip.batch_size = 32
-  config.clip.learning_rate = 2e-3
-  config.clip.width = 32
-  config.clip.embed_dim = 32
-  config.clip.num_layers = 1
+  config = load_config("tiny")  # 60 steps of 32 pairs, a one-layer 32-wide CLIP
   workdir = tmp_path_factory.mktemp("world_clip")
   builder.build(config, workdir / "data")
   make_iterator = clip_train.make_iterator
