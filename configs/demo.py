@@ -11,7 +11,7 @@ def get_config(arg=None):
   # Attention sits at fixed fractions of the image, so the :64 variant is the same network.
   c.model.attention_resolutions = (c.image_size // 4,)
   c.model.cross_attention_resolutions = (c.image_size // 2, c.image_size // 4)
-  c.stages = "data,clip,pretrain"
+  c.stages = "data,clip,pretrain,experts"
   # The world's scoring models (stage `clip`, docs/RESULTS.md): ~4 CPU-minutes for CLIP
   # (held-out retrieval well above chance) and ~5 for the DINO ViT (held-out AUC >= 0.95).
   c.clip.num_steps = 800
@@ -24,6 +24,11 @@ def get_config(arg=None):
   c.pretrain.log_every = 25
   c.pretrain.checkpoint_every = 100
   c.pretrain.sample_every = 300
+  # Experts: 16 packed in one step (benchmarks/bench_experts.py: ~1.7 s a step at 32x32 on
+  # 2 cores), 2 rounds of 16 subjects for the demo's time budget.
+  c.experts.num_experts = 16
+  c.experts.num_steps = 100
+  c.experts.num_rounds = 2
   c.data.world.num_train_subjects = 64
   c.data.world.num_eval_subjects = 16
   c.data.world.min_images = 3

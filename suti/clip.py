@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from suti import hf_dir
+
 # OpenAI CLIP's pixel statistics: used when a directory has no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")
 _SAFETENSORS = "model.safetensors"
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
@@ -125,17 +126,8 @@ def _is_local(path) -> bool:
 def check_clip_dir(path) -> str:
   """Raises FileNotFoundError naming the directory and the missing file; returns the weights."""
   path = str(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"CLIP directory {path!r} does not exist")
-  has = lambda name: os.path.isfile(os.path.join(path, name))
-  if not has("config.json"):
-    raise FileNotFoundError(f"CLIP directory {path!r} has no config.json")
-  weights = next((w for w in (*_FLAX_WEIGHTS, _SAFETENSORS) if has(w)), None)
-  if weights is None:
-    hint = (" (pytorch_model.bin is there, but reading it needs torch; convert it to "
-            "model.safetensors)" if has("pytorch_model.bin") else "")
-    raise FileNotFoundError(f"CLIP directory {path!r} has no weights file: expected "
-                            f"{' or '.join((*_FLAX_WEIGHTS, _SAFETENSORS))}{hint}")
+  weights = hf_dir.check_model_dir(path, "CLIP")
+  has = lambda name: hf_dir.has_file(path, name)
   if not any(all(map(has, files)) for files in _TOKENIZER_FILES):
     wanted = " or ".join(" + ".join(files) for files in _TOKENIZER_FILES)
     missing = [f for f in _TOKENIZER_FILES[1] if not has(f)]

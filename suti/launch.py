@@ -28,6 +28,7 @@ STAGES = {
     "clip": "suti.scoring",
     "pretrain": "suti.pretrain",
     "plan": "suti.plan",
+    "experts": "experts.stage",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from suti import hf_dir
+
 PREPROCESSOR_FILE = "preprocessor_config.json"
-_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json", "model.safetensors")
 # DINO's (and most ViTs') preprocessing when a directory has no preprocessor_config.json.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,16 +138,7 @@ def _check_pretrained_dir(path) -> str:
   path = os.fspath(path)
   if not path:
     raise ValueError("DINO model path is empty (dino.path, or a workdir's dino/ folder)")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"DINO model directory {path!r} does not exist")
-  has = lambda name: os.path.isfile(os.path.join(path, name))
-  if not has("config.json"):
-    raise FileNotFoundError(f"DINO model directory {path!r} has no config.json")
-  if not any(map(has, _WEIGHTS)):
-    hint = (" (pytorch_model.bin is there, but converting it needs torch; save Flax weights "
-            "or model.safetensors instead)" if has("pytorch_model.bin") else "")
-    raise FileNotFoundError(f"DINO model directory {path!r} has no weights file: expected one "
-                            f"of {', '.join(_WEIGHTS)}{hint}")
+  hf_dir.check_model_dir(path, "DINO model")
   return path
 
 

@@ -21,7 +21,7 @@ Rows. A row builder is `builder(config, ctx: Context) -> list[Program]`: it says
 compile (function, abstract arguments, donated arguments) and this module measures it.
 `ROW_BUILDERS` names the builders as "module:function" strings, imported only when the plan
 runs (so a stage module may import this one without a cycle); a later stage appends its own,
-e.g. "suti.experts:plan_rows" for the expert fine-tune and sampling steps, or calls
+e.g. "experts.parallel:plan_rows" for the expert fine-tune and sampling steps, or calls
 `register_row(fn)`. `train_program` and `sample_program` build the usual two kinds of step.
 
 Text. The plan never loads a frozen text encoder (T5-XXL is not needed to size the UNet): a
@@ -73,7 +73,7 @@ TPU_CAVEAT = ("memory and FLOPs are the TPU compiler's analyses of a deviceless 
 TPU_MEMORY_GIB = {"TPU v2": 8, "TPU v3": 16, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
                   "TPU v6 lite": 32}
 
-ROW_BUILDERS: list[str | Callable] = ["suti.plan:base_rows"]
+ROW_BUILDERS: list[str | Callable] = ["suti.plan:base_rows", "experts.parallel:plan_rows"]
 
 
 def register_row(builder: str | Callable) -> None:

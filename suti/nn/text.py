@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from suti import hf_dir
 from suti.nn import initializers as init
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +148,6 @@ class WorldTextEncoder(TextEncoder):
 # ---------------------------------------------------------------------------------------------
 # Frozen pretrained encoders from a local Hugging Face directory.
 
-_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json", "model.safetensors")
 _TOKENIZER_FILES = {  # any one of these sets is enough
     "clip": (("tokenizer.json",), ("vocab.json", "merges.txt")),
     "t5": (("tokenizer.json",), ("spiece.model",)),
@@ -188,16 +188,8 @@ def check_pretrained_dir(kind: str, path: str):
   if not path:
     raise ValueError(f"model.text_encoder.path must name a local Hugging Face directory when "
                      f"model.text_encoder.kind={kind!r}")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{kind} text encoder directory {path!r} does not exist")
-  has = lambda name: os.path.isfile(os.path.join(path, name))
-  if not has("config.json"):
-    raise FileNotFoundError(f"{kind} text encoder directory {path!r} has no config.json")
-  if not any(map(has, _WEIGHTS)):
-    hint = (" (pytorch_model.bin is there, but converting it needs torch; save Flax weights "
-            "or model.safetensors instead)" if has("pytorch_model.bin") else "")
-    raise FileNotFoundError(f"{kind} text encoder directory {path!r} has no weights file: "
-                            f"expected one of {', '.join(_WEIGHTS)}{hint}")
+  hf_dir.check_model_dir(path, f"{kind} text encoder")
+  has = lambda name: hf_dir.has_file(path, name)
   options = _TOKENIZER_FILES[kind]
   if not any(all(map(has, files)) for files in options):
     wanted = " or ".join(" + ".join(files) for files in options)

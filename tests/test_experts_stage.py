@@ -1,0 +1,158 @@
+"""Stage `experts`: rounds, the delta-CLIP filter, the buffer on disk, kill and resume."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experts import buffer as buffer_lib
+from experts import parallel
+from experts import stage
+from suti import pretrain, scoring, train_lib
+from suti.data import builder
+from suti.data import pipeline
+from tests.conftest import load_config
+
+
+def _config():
+  config = load_config("tiny")
+  config.clip.num_steps = config.dino.num_steps = 20
+  config.pretrain.num_steps = 10
+  config.pretrain.sample_every = 1000
+  config.experts.num_experts = 3   # 8 subjects: rounds of 3, 3 and 2
+  config.experts.num_steps = 3
+  config.experts.sample_steps = 4
+  config.experts.prompts_per_subject = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def base_workdir(tmp_path_factory):
+  """Data, scoring models and a base model: what the experts stage reads."""
+  config = _config()
+  workdir = tmp_path_factory.mktemp("experts_base")
+  builder.build(config, workdir / "data")
+  scoring.run(config, workdir)
+  pretrain.run(config, workdir)
+  return workdir
+
+
+def _workdir_from(base, path):
+  path.mkdir()
+  for name in ("data", "clip", "dino", "pretrain"):
+    os.symlink(base / name, path / name)
+  return path
+
+
+def _all_records(workdir):
+  return list(buffer_lib.BufferSource(stage.buffer_dir(workdir), threshold=-math.inf))
+
+
+@pytest.fixture(scope="module")
+def straight_run(base_workdir, tmp_path_factory):
+  workdir = _workdir_from(base_workdir, tmp_path_factory.mktemp("straight") / "w")
+  return workdir, stage.run(_config(), workdir)
+
+
+def test_rounds_cover_every_subject_once_and_score_every_sample(straight_run):
+  workdir, summary = straight_run
+  config = _config()
+  subjects = [c.subject_id for c in pipeline.ClusterSource(workdir / "data", "train")]
+  manifest = buffer_lib.read_manifest(stage.buffer_dir(workdir))
+  assert [len(r["subject_ids"]) for r in manifest["rounds"]] == [3, 3, 2]  # a smaller last one
+  # Dequeued in dataset order, K at a time.
+  assert [r["subject_ids"] for r in manifest["rounds"]] == [
+      sorted(subjects[:3]), sorted(subjects[3:6]), sorted(subjects[6:])]
+  records = _all_records(workdir)
+  per_subject = config.experts.prompts_per_subject * config.experts.samples_per_prompt
+  assert len(records) == summary["samples"] == len(subjects) * per_subject
+  for r in records:  # every sample scored against its own subject's demos and prompt
+    cluster = next(c for c in pipeline.ClusterSource(workdir / "data", "train")
+                   if c.subject_id == r["subject_id"])
+    assert r["prompt"] in cluster.prompts
+    np.testing.assert_array_equal(r["demos"], np.stack(cluster.images))
+    assert r["delta"] == pytest.approx(r["clip_target"] - r["clip_demos_max"], abs=1e-5)
+    assert {"oracle_dino", "demo_dino", "oracle_clip_t"} <= set(r["extras"])
+  assert summary["admitted"] == sum(bool(r["admitted"]) for r in records)
+
+
+def test_the_filter_admits_exactly_delta_above_lambda(straight_run):
+  workdir, summary = straight_run
+  lam = _config().experts.delta_clip_threshold
+  records = _all_records(workdir)
+  deltas = np.array([r["delta"] for r in records])
+  assert all(bool(r["admitted"]) == (r["delta"] > lam) for r in records)
+  for r in buffer_lib.BufferSource(stage.buffer_dir(workdir)):
+    assert r["delta"] > lam
+  # Re-applying another lambda later needs no expert: the median splits the samples.
+  median = float(np.median(deltas))
+  again = buffer_lib.BufferSource(stage.buffer_dir(workdir), threshold=median)
+  assert len(again) == int(np.sum(deltas > median)) > 0
+
+
+def test_round_artifacts_are_written(straight_run):
+  workdir, summary = straight_run
+  out = stage.stage_dir(workdir)
+  assert sorted(p.name for p in (out / "grids").iterdir()) == [
+      "round_000000.png", "round_000001.png", "round_000002.png"]
+  logged = [m for m in train_lib.read_metrics(out / "logs") if "experts/acceptance_rate" in m]
+  assert [m["step"] for m in logged] == [0, 1, 2]
+  assert json.loads((out / "summary.json").read_text()) == summary
+  assert stage.run(_config(), workdir) == summary  # complete: not run again
+
+
+def test_kill_and_resume_writes_the_same_buffer(base_workdir, straight_run, tmp_path,
+                                                monkeypatch):
+  workdir = _workdir_from(base_workdir, tmp_path / "w")
+  real = parallel.finetune_and_sample
+
+  def dies_in_round_2(*args, **kwargs):
+    if args[5] == 2:  # round_
+      raise KeyboardInterrupt("killed")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(parallel, "finetune_and_sample", dies_in_round_2)
+  with pytest.raises(KeyboardInterrupt):
+    stage.run(_config(), workdir)
+  assert buffer_lib.BufferWriter(stage.buffer_dir(workdir)).next_round() == 2
+  monkeypatch.setattr(parallel, "finetune_and_sample", real)
+  summary = stage.run(_config(), workdir)
+  straight = _all_records(straight_run[0])
+  resumed = _all_records(workdir)
+  assert len(resumed) == len(straight) == straight_run[1]["samples"]
+  for a, b in zip(straight, resumed):
+    assert a.keys() == b.keys()
+    for key in a:
+      if isinstance(a[key], np.ndarray):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+      else:
+        assert a[key] == b[key], key
+  assert summary["admitted"] == straight_run[1]["admitted"]
+
+
+def test_plan_rounds_skips_and_counts_small_subjects():
+  class C:  # the two fields plan_rounds reads
+    def __init__(self, name, n):
+      self.subject_id, self.images = name, [None] * n
+  clusters = [C("a", 3), C("b", 2), C("c", 5), C("d", 4), C("e", 1)]
+  rounds, skipped = stage.plan_rounds(clusters, num_experts=2, min_demos=3)
+  assert rounds == [[0, 2], [3]] and skipped == ["b", "e"]
+  assert stage.plan_rounds(clusters, 2, 3, num_rounds=1)[0] == [[0, 2]]
+
+
+def test_a_failed_expert_is_dropped_and_the_others_are_kept(base_workdir):
+  config = _config()
+  clusters = list(pipeline.ClusterSource(base_workdir / "data", "train"))[:3]
+  prompts = [stage.subject_prompts(c, 2) for c in clusters]
+  images = np.random.default_rng(0).integers(0, 256, (3, 2, 16, 16, 3), np.uint8)
+  clip = scoring.load_clip(config, base_workdir)
+  records = stage.score_round(config, clip, None, clusters, prompts, images,
+                              np.array([True, False, True]), 0, 0.02)
+  assert [r["subject_id"] for r in records] == [clusters[i].subject_id for i in (0, 0, 2, 2)]
+  assert [r["prompt"] for r in records] == prompts[0] + prompts[2]
+  np.testing.assert_array_equal(records[2]["image"], images[2, 0])
+  expected = clip.delta(images[[0, 0, 2, 2], [0, 1, 0, 1]],
+                        [np.stack(clusters[i].images) for i in (0, 0, 2, 2)],
+                        prompts[0] + prompts[2])["delta"]
+  np.testing.assert_allclose([r["delta"] for r in records], expected, atol=1e-6)
