@@ -34,7 +34,6 @@ from suti import mesh as mesh_lib
 from suti import pretrain
 from suti import scoring
 from suti import train_lib
-from suti.data import images as images_lib
 from suti.data import pipeline
 from suti.data import world as world_lib
 
@@ -81,6 +80,7 @@ class OracleJudge:
     self.world = world_lib.from_config(config)
     self.dino = scoring.load_dino(config, workdir)
     self.seed = config.seed
+    self._demo_embeddings = {}  # subject id -> DINO [n, D]: one pass per subject, not prompt
 
   def extras(self, cluster, prompt: str, samples: np.ndarray, clip) -> list[dict]:
     if not cluster.spec:
@@ -88,7 +88,10 @@ class OracleJudge:
     subject = world_lib.Subject.from_json(cluster.spec)
     oracle, _ = self.world.render(subject, prompt, self.seed)
     oracle_dino = self.dino.embed_images(oracle[None])[0]
-    demos_dino = self.dino.embed_images(np.stack(cluster.images))
+    if cluster.subject_id not in self._demo_embeddings:
+      self._demo_embeddings[cluster.subject_id] = self.dino.embed_images(
+          np.stack(cluster.images))
+    demos_dino = self._demo_embeddings[cluster.subject_id]
     dino = self.dino.embed_images(samples)
     clip_oracle = float(clip.score(oracle[None], [prompt])[0])
     return [{"oracle_dino": float(d @ oracle_dino),
@@ -96,8 +99,8 @@ class OracleJudge:
              "oracle_clip_t": clip_oracle} for d in dino]
 
 
-def round_grid(records, upscale: int = 2) -> np.ndarray:
-  """demos | pseudo-target | delta bar, one row per sample.
+def round_tiles(records) -> tuple[np.ndarray, int]:
+  """(tiles, columns) of a round's grid: demos | pseudo-target | delta bar, a row per sample.
 
   The bar's length is delta (full width = 0.2), green when admitted, red otherwise.
   """
@@ -111,7 +114,7 @@ def round_grid(records, upscale: int = 2) -> np.ndarray:
     colour = (40, 170, 60) if r["admitted"] else (200, 40, 40)
     bar[size // 3: 2 * size // 3, :max(filled, 1)] = colour
     tiles += demos + [r["image"], bar]
-  return images_lib.image_grid(np.stack(tiles), width, upscale=upscale)
+  return np.stack(tiles), width
 
 
 def run(config, workdir) -> dict:
@@ -168,8 +171,8 @@ def run(config, workdir) -> dict:
     bar.close()
     writer.close()
 
-  stats = buffer_lib.BufferSource(buffer_dir(workdir)).stats()
   manifest = buffer_lib.read_manifest(buffer_dir(workdir))
+  stats = buffer_lib.stats(manifest)
   summary = {
       "rounds": len(rounds), "subjects": sum(len(r) for r in rounds),
       "skipped_subjects": skipped,
@@ -204,14 +207,14 @@ def score_round(config, clip, judge, group, prompts, images, finite, round_, thr
     return []
   scores = clip.delta(np.stack(targets), demos, flat_prompts)
   extras = [{} for _ in targets]
-  if judge is not None:
-    for k, cluster in enumerate(group):
-      rows = [i for i, (owner, _) in enumerate(owners) if owner == k]
-      for p in sorted({flat_prompts[i] for i in rows}):
-        chosen = [i for i in rows if flat_prompts[i] == p]
-        for i, e in zip(chosen, judge.extras(cluster, p, np.stack([targets[i] for i in chosen]),
-                                             clip)):
-          extras[i] = e
+  if judge is not None:  # one oracle render per (subject, prompt), all its samples at once
+    rows_of = {}
+    for i, (k, _) in enumerate(owners):
+      rows_of.setdefault((k, flat_prompts[i]), []).append(i)
+    for (k, prompt), rows in rows_of.items():
+      samples = np.stack([targets[i] for i in rows])
+      for i, e in zip(rows, judge.extras(group[k], prompt, samples, clip)):
+        extras[i] = e
   records = []
   for i, (k, j) in enumerate(owners):
     cluster = group[k]
@@ -237,12 +240,8 @@ def log_round(writer, out, round_, records, info, num_subjects, bar) -> None:
                           "experts/experts_per_hour": num_subjects * 3600 / max(seconds, 1e-9)})
   if records:
     writer.histogram(round_, "experts/delta", [r["delta"] for r in records])
-    grid = round_grid(records)
-    path = out / "grids" / f"round_{round_:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    images_lib.save_png(grid, tmp)
-    tmp.replace(path)
+    grid = train_lib.save_grid(out / "grids" / f"round_{round_:06d}.png",
+                               *round_tiles(records))
     writer.image(round_, "experts/round", grid)
   bar.set_postfix(accept=f"{rate:.2f}", s_round=f"{seconds:.0f}")
   log.info("experts: round %d committed: %d/%d samples admitted (%.0f s)", round_, admitted,
