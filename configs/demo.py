@@ -11,6 +11,7 @@ def get_config(arg=None):
   # Attention sits at fixed fractions of the image, so the :64 variant is the same network.
   c.model.attention_resolutions = (c.image_size // 4,)
   c.model.cross_attention_resolutions = (c.image_size // 2, c.image_size // 4)
+  c.apprentice.demo_attention_resolutions = (c.image_size // 4,)
   c.stages = "data,clip,pretrain,experts"
   # The world's scoring models (stage `clip`, docs/RESULTS.md): ~4 CPU-minutes for CLIP
   # (held-out retrieval well above chance) and ~5 for the DINO ViT (held-out AUC >= 0.95).

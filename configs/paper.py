@@ -44,6 +44,10 @@ def get_config(arg=None):
   c.apprentice.num_inference_demos = 4
   c.apprentice.guidance = 15.0
   c.apprentice.finetune_steps = 500
+  # Re-Imagen: demo attention (+ feed-forward) wherever the base has text cross-attention;
+  # ~430M new params, 2.55B in all (SuTI: 2.5B).
+  c.apprentice.demo_attention_resolutions = (32, 16, 8)
+  c.apprentice.sample_steps = 1000
   # Imagen's base model: batch 2048 on 256 TPU v4 chips, one 32 GiB device each.
   c.plan.num_devices = 256
   c.plan.device_memory_gib = 32.0

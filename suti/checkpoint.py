@@ -299,6 +299,18 @@ class Checkpoints:
         meta=dict(out["meta"]),
     )
 
+  def read_config(self, step: int | None = None) -> dict | None:
+    """The config saved with `step` (default: the latest), without reading any array; None
+    when there are no steps or the step has no config."""
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      return None
+    self._require_step(step)
+    if "config" not in self._metadata(step):
+      return None
+    out = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return dict(out["config"])
+
   def wait(self):
     """Blocks until an async save has been fully written (and renamed into place)."""
     self._manager.wait_until_finished()

@@ -18,6 +18,7 @@ OPTIMIZERS = ("adam", "adafactor")
 SAMPLERS = ("ddpm", "ddim")
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("eps", "x0", "v")
+GUIDANCE_MODES = ("joint", "text_first", "image_first")  # apprentice: text and demo guidance
 
 
 class InputError(ValueError):
@@ -155,6 +156,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.apprentice.text_dropout = 0.1
   c.apprentice.demo_dropout = 0.1
   c.apprentice.finetune_steps = 0  # Dream-SuTI (paper: 500)
+  c.apprentice.finetune_learning_rate = 1e-5
+  c.apprentice.finetune_batch_size = 2
+  # Re-Imagen: demo features enter through extra cross-attention at these feature-map sizes
+  # (in the DownStack and the UpStack); demos are encoded clean, at this timestep.
+  c.apprentice.demo_attention_resolutions = (8,)
+  c.apprentice.demo_timestep = 0
+  # A feed-forward block of this width ratio after each demo attention (0: none); with 2 the
+  # paper config's apprentice has ~430M new params (~2.55B in all), as SuTI's 2.5B.
+  c.apprentice.demo_mlp_ratio = 2
+  c.apprentice.warmup_steps = 0
+  # Generation: DDPM as in the paper. guidance_mode 'joint' guides text and demos together
+  # with `guidance`; 'text_first' / 'image_first' guide them separately (JeDi's image
+  # guidance) with text_guidance and demo_guidance.
+  c.apprentice.sampler = "ddpm"
+  c.apprentice.sample_steps = 100
+  c.apprentice.guidance_mode = "joint"
+  c.apprentice.text_guidance = 7.5
+  c.apprentice.demo_guidance = 3.0
+  # Training reads the experts' buffer as it grows: it waits this long for enough admitted
+  # records, and sees newly committed rounds at each pass over the buffer.
+  c.apprentice.buffer_wait_s = 0.0
+  c.apprentice.delta_clip_threshold = -1.0  # < 0: the experts' verdicts; else lambda re-applied
+  c.apprentice.log_every = 10
+  c.apprentice.checkpoint_every = 100
+  c.apprentice.sample_every = 500
+  c.apprentice.num_sample_subjects = 4  # held-out subjects in the sample grids
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_subjects = 8
@@ -231,15 +258,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "apprentice.num_train_demos", "apprentice.num_inference_demos",
       "apprentice.finetune_steps", "evaluate.num_subjects", "evaluate.images_per_prompt",
       "checkpoint.max_to_keep", "pretrain.warmup_steps", "pretrain.num_samples",
-      "pretrain.sample_steps",
-  ], allow_zero=("experts.experts_per_device", "experts.num_rounds",
-                 "apprentice.finetune_steps", "pretrain.warmup_steps"))
+      "pretrain.sample_steps", "apprentice.finetune_batch_size", "apprentice.warmup_steps",
+      "apprentice.sample_steps", "apprentice.log_every", "apprentice.checkpoint_every",
+      "apprentice.sample_every", "apprentice.num_sample_subjects", "apprentice.demo_mlp_ratio",
+  ], allow_zero=("apprentice.demo_mlp_ratio", "experts.experts_per_device", "experts.num_rounds",
+                 "apprentice.finetune_steps", "pretrain.warmup_steps",
+                 "apprentice.warmup_steps", "apprentice.num_sample_subjects"))
   _choice(config, "data.source", SOURCES)
   _choice(config, "model.text_encoder.kind", TEXT_ENCODERS)
   _choice(config, "pretrain.optimizer", OPTIMIZERS)
   _choice(config, "experts.optimizer", OPTIMIZERS)
   _choice(config, "apprentice.optimizer", OPTIMIZERS)
   _choice(config, "experts.sampler", SAMPLERS)
+  _choice(config, "apprentice.sampler", SAMPLERS)
+  _choice(config, "apprentice.guidance_mode", GUIDANCE_MODES)
   _choice(config, "pretrain.sample_sampler", SAMPLERS)
   _choice(config, "diffusion.schedule", SCHEDULES)
   _choice(config, "diffusion.prediction", PREDICTIONS)
@@ -263,7 +295,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"image_size must be divisible by the UNet's downsampling factor "
                       f"{downsample} (2**(len(model.channel_mult)-1)), got {config.image_size}")
   sizes = {config.image_size // 2**i for i in range(len(mult))}
-  for key in ("model.attention_resolutions", "model.cross_attention_resolutions"):
+  for key in ("model.attention_resolutions", "model.cross_attention_resolutions",
+              "apprentice.demo_attention_resolutions"):
     for res in _get(config, key):
       if res not in sizes:
         raise ConfigError(f"{key} has {res}, which is not one of the UNet's feature-map sizes "
@@ -275,18 +308,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
 
   for key in ("pretrain.learning_rate", "experts.learning_rate", "apprentice.learning_rate",
+              "apprentice.finetune_learning_rate",
               "clip.learning_rate", "dino.learning_rate"):
     if not _get(config, key) > 0:
       raise ConfigError(f"{key} must be > 0, got {_get(config, key)!r}")
   for key in ("pretrain.caption_dropout", "apprentice.text_dropout", "apprentice.demo_dropout"):
     if not 0.0 <= _get(config, key) < 1.0:
       raise ConfigError(f"{key} must be in [0, 1), got {_get(config, key)!r}")
-  for key in ("experts.guidance", "apprentice.guidance", "pretrain.sample_guidance"):
+  for key in ("experts.guidance", "apprentice.guidance", "pretrain.sample_guidance",
+              "apprentice.text_guidance", "apprentice.demo_guidance", "apprentice.buffer_wait_s"):
     if _get(config, key) < 0:
       raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
   if not 0.5 < config.diffusion.dynamic_threshold_percentile <= 1.0:
     raise ConfigError(f"diffusion.dynamic_threshold_percentile must be in (0.5, 1], got "
                       f"{config.diffusion.dynamic_threshold_percentile}")
+  if not 0 <= config.apprentice.demo_timestep < config.diffusion.timesteps:
+    raise ConfigError(f"apprentice.demo_timestep must be in [0, diffusion.timesteps), got "
+                      f"{config.apprentice.demo_timestep!r}")
   if config.apprentice.num_train_demos > config.data.min_demos:
     raise ConfigError(f"apprentice.num_train_demos ({config.apprentice.num_train_demos}) must "
                       f"be <= data.min_demos ({config.data.min_demos}): every subject must "

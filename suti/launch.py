@@ -29,6 +29,7 @@ STAGES = {
     "pretrain": "suti.pretrain",
     "plan": "suti.plan",
     "experts": "experts.stage",
+    "apprentice": "apprentice.stage",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

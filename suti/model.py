@@ -9,7 +9,6 @@ A condition `cond` is {'tokens': [B, L, D], 'mask': [B, L] bool}: encoded text.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from suti import diffusion

@@ -73,7 +73,8 @@ TPU_CAVEAT = ("memory and FLOPs are the TPU compiler's analyses of a deviceless 
 TPU_MEMORY_GIB = {"TPU v2": 8, "TPU v3": 16, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
                   "TPU v6 lite": 32}
 
-ROW_BUILDERS: list[str | Callable] = ["suti.plan:base_rows", "experts.parallel:plan_rows"]
+ROW_BUILDERS: list[str | Callable] = ["suti.plan:base_rows", "experts.parallel:plan_rows",
+                                      "apprentice.stage:plan_rows"]
 
 
 def register_row(builder: str | Callable) -> None:

@@ -13,7 +13,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -129,14 +128,11 @@ def run(config, workdir) -> dict:
   repl_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train_step = jax.jit(make_train_step(model, tx, config.seed), donate_argnums=(0, 1),
                        out_shardings=(repl_sharding, repl_sharding, repl_sharding))
-  block = mesh_lib.needs_blocking(mesh)
   prompts = sample_prompts(workdir / "data", pc.num_samples)
   writer = train_lib.MetricWriter(out / "logs")
-  throughput = train_lib.Throughput()
   start_step, start_time = step, time.time()
-  last_loss = float("nan")
 
-  def save_samples(at_step):
+  def save_samples(at_step, trainable):
     images = model.sample(trainable, frozen, prompts, jax.random.PRNGKey(config.seed + 1),
                           sampler=pc.sample_sampler, steps=pc.sample_steps,
                           guidance=pc.sample_guidance)
@@ -144,35 +140,14 @@ def run(config, workdir) -> dict:
                                train_lib.to_uint8(images), columns=min(8, len(prompts)))
     writer.image(at_step, "samples", grid)
 
-  bar = train_lib.progress(pc.num_steps, step, "pretrain")
   try:
-    while step < pc.num_steps:
-      batch = mesh_lib.shard_batch(next(data), mesh, "data")
-      trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
-                                                 jnp.int32(step))
-      if block:  # CPU with several devices: see mesh.needs_blocking
-        jax.block_until_ready(metrics)
-      step += 1
-      throughput.add(pc.batch_size)
-      if step % pc.log_every == 0 or step == pc.num_steps:
-        metrics = jax.device_get(metrics)
-        last_loss = float(metrics["loss"])
-        if not np.isfinite(last_loss):
-          raise FloatingPointError(f"pretrain: loss is {last_loss} at step {step}; the last "
-                                   f"checkpoint (step {ckpt.latest_step()}) is intact")
-        rate = throughput.rate()
-        writer.scalars(step, {"loss": last_loss, "grad_norm": metrics["grad_norm"],
-                              "images_per_second": rate})
-        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}")
-      bar.update(1)
-      if step % pc.checkpoint_every == 0 or step == pc.num_steps:
-        ckpt.save(step, params=trainable, opt_state=opt_state, config=config,
-                  data_state=data.get_state(), meta={"stage": "pretrain"})
-      if step % pc.sample_every == 0 or step == pc.num_steps:
-        save_samples(step)
+    trainable, opt_state, step, last_loss = train_lib.fit(
+        "pretrain", train_step=train_step, trainable=trainable, opt_state=opt_state,
+        frozen=frozen, data=data, mesh=mesh, ckpt=ckpt, writer=writer, step=step,
+        num_steps=pc.num_steps, batch_size=pc.batch_size, log_every=pc.log_every,
+        checkpoint_every=pc.checkpoint_every, sample_every=pc.sample_every,
+        save_samples=save_samples, config=config)
   finally:
-    bar.close()
-    ckpt.wait()
     ckpt.close()
     writer.close()
 
@@ -181,7 +156,5 @@ def run(config, workdir) -> dict:
              "images_per_second": round((step - start_step) * pc.batch_size / seconds, 2),
              "devices": mesh.size, "checkpoint": str(out / "checkpoints"),
              "samples": str(out / "samples" / f"step_{step:06d}.png")}
-  tmp = summary_path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(summary, indent=1))
-  tmp.replace(summary_path)
+  train_lib.write_json(summary_path, summary)
   return summary

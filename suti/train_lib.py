@@ -116,3 +116,60 @@ def progress(total: int, initial: int, desc: str):
   """A tqdm bar that only the first process shows."""
   return tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                    disable=jax.process_index() != 0, mininterval=1.0)
+
+
+def fit(name: str, *, train_step, trainable, opt_state, frozen, data, mesh, ckpt, writer,
+        step: int, num_steps: int, batch_size: int, log_every: int, checkpoint_every: int,
+        sample_every: int, save_samples, config, meta: dict | None = None):
+  """The data-parallel loop pretrain and the apprentice share, from `step` to `num_steps`.
+
+  train_step(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics)
+  is jitted by the caller; `data` is an iterator with get_state() (saved in checkpoints).
+  Logs scalars every log_every steps (a non-finite loss stops training, naming the last good
+  checkpoint), checkpoints every checkpoint_every and at the end, and calls
+  save_samples(step, trainable) every sample_every and at the end.
+  Returns (trainable, opt_state, step, last loss).
+  """
+  from suti import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+
+  block = mesh_lib.needs_blocking(mesh)
+  throughput = Throughput()
+  last_loss = float("nan")
+  bar = progress(num_steps, step, name)
+  try:
+    while step < num_steps:
+      batch = mesh_lib.shard_batch(next(data), mesh, "data")
+      trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
+                                                 np.int32(step))
+      if block:  # CPU with several devices: see mesh.needs_blocking
+        jax.block_until_ready(metrics)
+      step += 1
+      throughput.add(batch_size)
+      if step % log_every == 0 or step == num_steps:
+        metrics = jax.device_get(metrics)
+        last_loss = float(metrics["loss"])
+        if not np.isfinite(last_loss):
+          raise FloatingPointError(f"{name}: loss is {last_loss} at step {step}; the last "
+                                   f"checkpoint (step {ckpt.latest_step()}) is intact")
+        rate = throughput.rate()
+        writer.scalars(step, {"loss": last_loss, "grad_norm": metrics["grad_norm"],
+                              "images_per_second": rate})
+        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}")
+      bar.update(1)
+      if step % checkpoint_every == 0 or step == num_steps:
+        ckpt.save(step, params=trainable, opt_state=opt_state, config=config,
+                  data_state=data.get_state(), meta=dict(meta or {}, stage=name))
+      if step % sample_every == 0 or step == num_steps:
+        save_samples(step, trainable)
+  finally:
+    bar.close()
+    ckpt.wait()
+  return trainable, opt_state, step, last_loss
+
+
+def write_json(path, value) -> None:
+  """Atomically (temp file, rename) writes a JSON summary."""
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(value, indent=1))
+  tmp.replace(path)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import re
 from typing import Sequence
 

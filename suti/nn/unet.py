@@ -7,8 +7,9 @@
 The four parts are separate modules ('cond', 'down', 'mid', 'up' in the params) so the SuTI
 apprentice (Re-Imagen architecture) can call the DownStack again, with the same weights, to encode
 demonstration images, and attend to those features inside both stacks. `demo_attention_resolutions`
-adds that attention: new params named `demo_attentions_{j}` beside the existing ones, with a
-zero-initialised output projection so a model built from base params behaves exactly like the base.
+adds that attention: new params named `demo_attentions_{j}` (and `demo_mlps_{j}`, a feed-forward
+after each, when demo_mlp_ratio > 0) beside the existing ones, with zero-initialised output
+projections so a model built from base params behaves exactly like the base.
 
 Params are float32 plain nested dicts; `dtype` is only the compute dtype.
 """
@@ -128,6 +129,21 @@ class CrossAttention(nn.Module):
     return (x + out.reshape(x.shape)).astype(self.dtype)
 
 
+class FeedForward(nn.Module):
+  """Pre-norm MLP with a residual: LayerNorm, Dense(ratio * C), GELU, Dense(C) zero-initialised
+  (a no-op until trained), as Flamingo follows each new cross-attention with a dense block."""
+  ratio: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    h = nn.LayerNorm(dtype=jnp.float32, name="norm")(x)
+    h = nn.gelu(_dense(self.ratio * c, self.dtype, "fc1")(h))
+    h = _dense(c, self.dtype, "fc2", kernel_init=init.zeros)(h)
+    return (x + h).astype(self.dtype)
+
+
 def _unpack(extra_context, resolution):
   """extra_context[resolution] as (tokens, mask or None); (None, None) when absent."""
   if not extra_context or resolution not in extra_context:
@@ -144,6 +160,7 @@ class _Stack(nn.Module):
   attention_resolutions: Sequence[int] = (8,)
   cross_attention_resolutions: Sequence[int] = (16, 8)
   demo_attention_resolutions: Sequence[int] = ()
+  demo_mlp_ratio: int = 0  # > 0: a FeedForward (`demo_mlps_{j}`) after each demo attention
   num_heads: int = 4
   dropout: float = 0.0
   image_size: int = 32
@@ -167,6 +184,8 @@ class _Stack(nn.Module):
     if res in self.demo_attention_resolutions and demo is not None:
       h = CrossAttention(self.num_heads, self.dtype, name=f"demo_attentions_{j}")(
           h, demo.astype(self.dtype), demo_mask)
+      if self.demo_mlp_ratio:
+        h = FeedForward(self.demo_mlp_ratio, self.dtype, name=f"demo_mlps_{j}")(h)
     return h
 
 
