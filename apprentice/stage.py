@@ -145,10 +145,8 @@ def _train(config, workdir, out, ckpt, summary_path) -> dict:
 
   try:
     trainable, opt_state, step, last_loss = train_lib.fit(
-        "apprentice", train_step=train_step, trainable=trainable, opt_state=opt_state,
+        "apprentice", ac, train_step=train_step, trainable=trainable, opt_state=opt_state,
         frozen=frozen, data=data, mesh=mesh, ckpt=ckpt, writer=writer, step=step,
-        num_steps=ac.num_steps, batch_size=ac.batch_size, log_every=ac.log_every,
-        checkpoint_every=ac.checkpoint_every, sample_every=ac.sample_every,
         save_samples=save_samples, config=config)
   finally:
     writer.close()

@@ -142,10 +142,8 @@ def run(config, workdir) -> dict:
 
   try:
     trainable, opt_state, step, last_loss = train_lib.fit(
-        "pretrain", train_step=train_step, trainable=trainable, opt_state=opt_state,
+        "pretrain", pc, train_step=train_step, trainable=trainable, opt_state=opt_state,
         frozen=frozen, data=data, mesh=mesh, ckpt=ckpt, writer=writer, step=step,
-        num_steps=pc.num_steps, batch_size=pc.batch_size, log_every=pc.log_every,
-        checkpoint_every=pc.checkpoint_every, sample_every=pc.sample_every,
         save_samples=save_samples, config=config)
   finally:
     ckpt.close()

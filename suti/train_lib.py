@@ -118,10 +118,11 @@ def progress(total: int, initial: int, desc: str):
                    disable=jax.process_index() != 0, mininterval=1.0)
 
 
-def fit(name: str, *, train_step, trainable, opt_state, frozen, data, mesh, ckpt, writer,
-        step: int, num_steps: int, batch_size: int, log_every: int, checkpoint_every: int,
-        sample_every: int, save_samples, config, meta: dict | None = None):
-  """The data-parallel loop pretrain and the apprentice share, from `step` to `num_steps`.
+def fit(name: str, section, *, train_step, trainable, opt_state, frozen, data, mesh, ckpt,
+        writer, step: int, save_samples, config, meta: dict | None = None):
+  """The data-parallel loop pretrain and the apprentice share, from `step` to
+  section.num_steps; `section` (config.pretrain, config.apprentice) also gives batch_size,
+  log_every, checkpoint_every and sample_every.
 
   train_step(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics)
   is jitted by the caller; `data` is an iterator with get_state() (saved in checkpoints).
@@ -132,6 +133,9 @@ def fit(name: str, *, train_step, trainable, opt_state, frozen, data, mesh, ckpt
   """
   from suti import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
 
+  num_steps, batch_size = section.num_steps, section.batch_size
+  log_every, checkpoint_every = section.log_every, section.checkpoint_every
+  sample_every = section.sample_every
   block = mesh_lib.needs_blocking(mesh)
   throughput = Throughput()
   last_loss = float("nan")
