@@ -286,6 +286,11 @@ def load(directory, step: int | None = None, config=None):
   if not directory.is_dir():
     raise InputError(f"checkpoint {directory}: no such directory")
   config = config or read_config(directory, step)
+  te = config.model.text_encoder
+  if te.kind != "world" and te.path and not pathlib.Path(te.path).is_absolute():
+    # An export carries its frozen text encoder beside the checkpoint (apprentice.export).
+    if (directory.parent / te.path).is_dir():
+      te.path = str(directory.parent / te.path)
   model = Apprentice(config)
   template, _ = model.abstract_init()
   with checkpoint_lib.Checkpoints(directory, read_only=True) as ckpt:

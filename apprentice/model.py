@@ -36,7 +36,9 @@ from suti.nn import unet as unet_lib
 
 
 def demo_resolutions(config) -> tuple[int, ...]:
-  return tuple(int(r) for r in config.apprentice.demo_attention_resolutions)
+  """config.apprentice.demo_attention_resolutions; empty means the UNet's lowest size."""
+  resolutions = tuple(int(r) for r in config.apprentice.demo_attention_resolutions)
+  return resolutions or (config.image_size // 2**(len(config.model.channel_mult) - 1),)
 
 
 def level_channels(config, resolution: int) -> int:

@@ -48,5 +48,13 @@ def get_config(arg=None):
   c.experts.sample_steps = 10
   c.apprentice.num_steps = 20
   c.apprentice.batch_size = 4
+  c.apprentice.sample_steps = 10
+  c.apprentice.finetune_steps = 2
+  c.apprentice.log_every = 5
+  c.apprentice.checkpoint_every = 10
+  c.apprentice.sample_every = 20
+  c.apprentice.num_sample_subjects = 2
   c.evaluate.num_subjects = 2
+  c.evaluate.sample_steps = 10
+  c.evaluate.max_demos = 3
   return c

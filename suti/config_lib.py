@@ -6,6 +6,9 @@ before any work starts and names the key and the bad value.
 """
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 # Every stage of the pipeline, in the order `suti.launch` runs them.
@@ -19,6 +22,20 @@ SAMPLERS = ("ddpm", "ddim")
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("eps", "x0", "v")
 GUIDANCE_MODES = ("joint", "text_first", "image_first")  # apprentice: text and demo guidance
+
+
+def load_config_file(path, arg=None) -> ml_collections.ConfigDict:
+  """configs/<x>.py's get_config(arg), as `--config=configs/<x>.py:arg` loads it (for notebooks
+  and scripts that do not go through absl flags). 'path:arg' is accepted too."""
+  path = str(path)
+  if arg is None and ":" in pathlib.Path(path).name:
+    path, _, arg = path.rpartition(":")
+  spec = importlib.util.spec_from_file_location(f"suti_config_{pathlib.Path(path).stem}", path)
+  if spec is None or not pathlib.Path(path).is_file():
+    raise ConfigError(f"config file {path} does not exist")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 class InputError(ValueError):
@@ -160,7 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.apprentice.finetune_batch_size = 2
   # Re-Imagen: demo features enter through extra cross-attention at these feature-map sizes
   # (in the DownStack and the UpStack); demos are encoded clean, at this timestep.
-  c.apprentice.demo_attention_resolutions = (8,)
+  c.apprentice.demo_attention_resolutions = ()  # (): the UNet's lowest feature-map size
   c.apprentice.demo_timestep = 0
   # A feed-forward block of this width ratio after each demo attention (0: none); with 2 the
   # paper config's apprentice has ~430M new params (~2.55B in all), as SuTI's 2.5B.
@@ -186,6 +203,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_subjects = 8
   c.evaluate.images_per_prompt = 1
+  c.evaluate.prompts_per_subject = 0  # 0: all of each subject's prompts
+  c.evaluate.methods = "base,experts,suti,dream_suti,oracle"
+  c.evaluate.sampler = "ddpm"         # every method samples the same way
+  c.evaluate.sample_steps = 100
+  c.evaluate.max_demos = 5            # SuTI's curve over 1..max_demos demos (0: none)
 
   # Stage `plan`: AOT compile of every stage's steps with abstract shapes, nothing allocated.
   c.plan = ml_collections.ConfigDict()
@@ -261,7 +283,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "pretrain.sample_steps", "apprentice.finetune_batch_size", "apprentice.warmup_steps",
       "apprentice.sample_steps", "apprentice.log_every", "apprentice.checkpoint_every",
       "apprentice.sample_every", "apprentice.num_sample_subjects", "apprentice.demo_mlp_ratio",
-  ], allow_zero=("apprentice.demo_mlp_ratio", "experts.experts_per_device", "experts.num_rounds",
+      "evaluate.prompts_per_subject", "evaluate.sample_steps", "evaluate.max_demos",
+  ], allow_zero=("evaluate.prompts_per_subject", "evaluate.max_demos", "apprentice.demo_mlp_ratio", "experts.experts_per_device", "experts.num_rounds",
                  "apprentice.finetune_steps", "pretrain.warmup_steps",
                  "apprentice.warmup_steps", "apprentice.num_sample_subjects"))
   _choice(config, "data.source", SOURCES)
@@ -271,6 +294,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "apprentice.optimizer", OPTIMIZERS)
   _choice(config, "experts.sampler", SAMPLERS)
   _choice(config, "apprentice.sampler", SAMPLERS)
+  _choice(config, "evaluate.sampler", SAMPLERS)
   _choice(config, "apprentice.guidance_mode", GUIDANCE_MODES)
   _choice(config, "pretrain.sample_sampler", SAMPLERS)
   _choice(config, "diffusion.schedule", SCHEDULES)

@@ -30,6 +30,8 @@ STAGES = {
     "plan": "suti.plan",
     "experts": "experts.stage",
     "apprentice": "apprentice.stage",
+    "evaluate": "suti.evaluate",
+    "export": "apprentice.export",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -120,7 +122,11 @@ def main(argv):
   except (config_lib.InputError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(json.dumps({"workdir": str(workdir), **summary}))
+  from suti import report  # pylint: disable=import-outside-toplevel
+  report_path = report.write_report(workdir, summary)
+  print(report.terminal_table(summary), file=sys.stderr)
+  print(f"report: {report_path}", file=sys.stderr)
+  print(json.dumps({"workdir": str(workdir), "report": str(report_path), **summary}))
 
 
 if __name__ == "__main__":

@@ -430,3 +430,26 @@ def test_generate_cli_writes_images_and_names_bad_input(trained, tmp_path):
   result = _cli(f"--checkpoint={tmp_path / 'nowhere'}", f"--demo={demos[0]}", "--prompt=a ball",
                 f"--out={out}")
   assert result.returncode == 2 and "nowhere" in result.stderr
+
+
+# ------------------------------------------------------------------------------ export
+
+def test_export_then_generate_from_the_export_alone(trained, tmp_path):
+  from apprentice import export  # pylint: disable=import-outside-toplevel
+  config, workdir, _ = trained
+  summary = export.run(config, workdir)
+  assert summary["step"] == 12 and export.run(config, workdir) == summary  # then skipped
+  moved = tmp_path / "moved"  # the export, away from its workdir
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(export.stage_dir(workdir), moved)
+  exported = gen.load(moved / "checkpoint")
+  original = gen.load(stage.checkpoint_dir(workdir))
+  jax.tree.map(np.testing.assert_array_equal, exported[1], original[1])
+  demos = _demos(3)
+  a = gen.generate(*exported, demos, "a red ball in the snow", num_images=1, steps=3)
+  b = gen.generate(*original, demos, "a red ball in the snow", num_images=1, steps=3)
+  np.testing.assert_array_equal(a, b)
+  assert json.loads((moved / "config.json").read_text())["image_size"] == config.image_size
+  # No optimizer state or data position: just what generation needs.
+  step_dir = moved / "checkpoint" / "12"
+  assert (step_dir / "params").is_dir() and not (step_dir / "opt_state").exists()

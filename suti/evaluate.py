@@ -1,0 +1,262 @@
+"""Stage `evaluate`: the DreamBench protocol on held-out subjects, every method side by side.
+
+For each of the first `evaluate.num_subjects` eval subjects and each of its prompts (the world's
+unseen prompts; DreamBench's prompt list), `evaluate.images_per_prompt` images from:
+  base        the base model, no personalisation (the prompt names only the class)
+  experts     one expert fine-tuned on the subject (the DreamBooth analogue; config.experts)
+  suti        the apprentice in context, from `apprentice.num_inference_demos` demos
+  dream_suti  the apprentice fine-tuned on the subject first (`apprentice.finetune_steps`)
+  oracle      the world's true render of each prompt (the real-image reference row; world only)
+All sample with `evaluate.sampler` and `evaluate.sample_steps`. Scores: DINO, CLIP-I, CLIP-T,
+MDINO, MCLIP-I (`suti.metrics`) against the subject's real images, and seconds per subject;
+plus SuTI's curve over 1..`evaluate.max_demos` demos.
+
+Writes workdir/evaluate/: methods/<name>.npz (each method's images and seconds, so an
+interrupted run resumes at the next method), grid.png (a row per subject: demos | each
+method | oracle, first prompt), table.md (Table 1 of the paper), summary.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from suti import metrics
+from suti import pretrain
+from suti import scoring
+from suti import train_lib
+from suti.config_lib import InputError
+from suti.data import pipeline
+from suti.data import world as world_lib
+
+log = logging.getLogger("suti.evaluate")
+
+METHODS = ("base", "experts", "suti", "dream_suti", "oracle")
+METRIC_COLUMNS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
+
+
+def stage_dir(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / "evaluate"
+
+
+def eval_subjects(config, workdir) -> tuple[list, list[list[str]]]:
+  """(clusters, prompts per cluster): the first evaluate.num_subjects held-out subjects with
+  at least apprentice.num_inference_demos images, and their first prompts_per_subject prompts."""
+  ev = config.evaluate
+  clusters, prompts = [], []
+  for cluster in pipeline.ClusterSource(pathlib.Path(workdir) / "data", "eval"):
+    if len(cluster.images) < config.apprentice.num_inference_demos or not cluster.prompts:
+      continue
+    clusters.append(cluster)
+    count = ev.prompts_per_subject or len(cluster.prompts)
+    prompts.append(list(cluster.prompts[:count]))
+    if len(clusters) == ev.num_subjects:
+      break
+  if not clusters:
+    raise InputError(f"evaluate: no eval subject in {workdir}/data has >= "
+                     f"{config.apprentice.num_inference_demos} images and a prompt")
+  return clusters, prompts
+
+
+def _sampling(config):
+  """config with the experts sampling as evaluate asks (same sampler and steps everywhere)."""
+  ev = config.evaluate
+  config = config.copy_and_resolve_references()
+  config.experts.sampler = ev.sampler
+  config.experts.sample_steps = ev.sample_steps
+  config.experts.samples_per_prompt = ev.images_per_prompt
+  config.apprentice.sampler = ev.sampler
+  config.apprentice.sample_steps = ev.sample_steps
+  return config
+
+
+# ------------------------------------------------------------------------------ methods
+
+def run_base(config, workdir, clusters, prompts):
+  ev = config.evaluate
+  model, trainable, frozen = pretrain.load_base(config, workdir)
+  images, seconds = [], []
+  for i, ps in enumerate(prompts):
+    start = time.perf_counter()
+    batch = [p for p in ps for _ in range(ev.images_per_prompt)]
+    out = model.sample(trainable, frozen, batch, jax.random.PRNGKey(config.seed + i),
+                       sampler=ev.sampler, steps=ev.sample_steps,
+                       guidance=config.experts.guidance)
+    images.append(train_lib.to_uint8(out))
+    seconds.append(time.perf_counter() - start)
+  return images, seconds
+
+
+def run_experts(config, workdir, clusters, prompts):
+  from experts import parallel  # pylint: disable=import-outside-toplevel
+  from suti import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+
+  model, trainable, frozen = pretrain.load_base(config, workdir)
+  base_unet, shared = parallel.split_base(trainable, frozen)
+  mesh = mesh_lib.mesh_from_config(config, parallel.AXIS)
+  k = config.experts.num_experts
+  images, seconds = [], []
+  for start_index in range(0, len(clusters), k):
+    group = clusters[start_index:start_index + k]
+    start = time.perf_counter()
+    out, _, _ = parallel.finetune_and_sample(
+        config, model, base_unet, shared, group, round_=1000 + start_index, mesh=mesh,
+        prompts=prompts[start_index:start_index + k])
+    per_subject = (time.perf_counter() - start) / len(group)
+    images += list(out)
+    seconds += [per_subject] * len(group)
+  return images, seconds
+
+
+def run_suti(config, workdir, clusters, prompts, *, num_demos=None, finetune=False):
+  from apprentice import generate as gen  # pylint: disable=import-outside-toplevel
+  from apprentice import stage as apprentice_stage  # pylint: disable=import-outside-toplevel
+
+  ev, ac = config.evaluate, config.apprentice
+  model, params, frozen = gen.load(apprentice_stage.checkpoint_dir(workdir), config=config)
+  num_demos = num_demos or ac.num_inference_demos
+  images, seconds = [], []
+  for i, (cluster, ps) in enumerate(zip(clusters, prompts)):
+    demos, captions = list(cluster.images[:num_demos]), list(cluster.captions[:num_demos])
+    start = time.perf_counter()
+    subject_params = params
+    if finetune:
+      subject_params, _ = gen.finetune(model, params, frozen, list(cluster.images),
+                                       captions=list(cluster.captions), seed=config.seed + i)
+    out = [gen.generate(model, subject_params, frozen, demos, p, captions=captions,
+                        num_images=ev.images_per_prompt, seed=config.seed + i)
+           for p in ps]
+    images.append(np.concatenate(out))
+    seconds.append(time.perf_counter() - start)
+  return images, seconds
+
+
+def run_oracle(config, workdir, clusters, prompts):
+  del workdir
+  world = world_lib.from_config(config)
+  ev = config.evaluate
+  images = []
+  for cluster, ps in zip(clusters, prompts):
+    subject = world_lib.Subject.from_json(cluster.spec)
+    images.append(np.stack([world.render(subject, p, config.seed + j)[0]
+                            for p in ps for j in range(ev.images_per_prompt)]))
+  return images, [0.0] * len(clusters)
+
+
+def methods_to_run(config) -> list[str]:
+  names = [m.strip() for m in config.evaluate.methods.split(",") if m.strip()]
+  unknown = [m for m in names if m not in METHODS]
+  if unknown:
+    raise InputError(f"evaluate.methods: unknown {unknown}; choose from {METHODS}")
+  if config.data.source != "world":
+    names = [m for m in names if m != "oracle"]  # real photos have no oracle
+  if not config.apprentice.finetune_steps:
+    names = [m for m in names if m != "dream_suti"]
+  return names
+
+
+def _cached(path: pathlib.Path, fn):
+  """A method's (images, seconds), computed once: saved to `path` (npz) for resumes."""
+  if path.exists():
+    data = np.load(path)
+    count = int(data["count"])
+    return [data[f"images_{i}"] for i in range(count)], list(data["seconds"])
+  images, seconds = fn()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.stem + ".tmp.npz")
+  np.savez(tmp, count=len(images), seconds=np.asarray(seconds),
+           **{f"images_{i}": x for i, x in enumerate(images)})
+  tmp.replace(path)
+  return images, seconds
+
+
+# ------------------------------------------------------------------------------ scoring
+
+def score(images, prompts, clusters, clip, dino, images_per_prompt: int) -> dict:
+  """Aggregated metrics of one method over the subjects (image-weighted, as DreamBench)."""
+  per_subject = []
+  for generated, ps, cluster in zip(images, prompts, clusters):
+    expanded = [p for p in ps for _ in range(images_per_prompt)]
+    masks = np.stack(cluster.masks) if cluster.masks else None
+    per_subject.append(metrics.subject_scores(generated, expanded, np.stack(cluster.images),
+                                              clip=clip, dino=dino, reference_masks=masks))
+  return metrics.aggregate(per_subject)
+
+
+def format_table(table: dict) -> str:
+  """Markdown like the paper's Table 1: a row per method."""
+  columns = [c for c in METRIC_COLUMNS if any(c in row for row in table.values())]
+  lines = ["| method | " + " | ".join(c.upper().replace("_", "-") for c in columns)
+           + " | s/subject |", "|---" * (len(columns) + 2) + "|"]
+  for name, row in table.items():
+    cells = [f"{row[c]:.3f}" if c in row else "" for c in columns]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['seconds_per_subject']:.1f} |")
+  return "\n".join(lines)
+
+
+def grid(clusters, images_by_method, images_per_prompt: int, num_demos: int):
+  """(tiles, columns): a row per subject: its demos, then each method's first image."""
+  methods = list(images_by_method)
+  tiles = []
+  for i, cluster in enumerate(clusters):
+    demos = list(cluster.images[:num_demos])
+    tiles += demos + [images_by_method[m][i][0] for m in methods]
+  del images_per_prompt
+  return np.stack(tiles), num_demos + len(methods)
+
+
+def run(config, workdir) -> dict:
+  workdir = pathlib.Path(workdir)
+  out = stage_dir(workdir)
+  summary_path = out / "summary.json"
+  if summary_path.exists():
+    log.info("evaluate: complete (%s); skipping", summary_path)
+    return json.loads(summary_path.read_text())
+  config = _sampling(config)
+  ev = config.evaluate
+  clusters, prompts = eval_subjects(config, workdir)
+  clip = scoring.load_clip(config, workdir)
+  dino = scoring.load_dino(config, workdir)
+  runners = {"base": run_base, "experts": run_experts, "suti": run_suti,
+             "dream_suti": lambda *a: run_suti(*a, finetune=True), "oracle": run_oracle}
+  names = methods_to_run(config)
+  images, table = {}, {}
+  bar = train_lib.progress(len(names), 0, "evaluate")
+  for name in names:
+    bar.set_description(f"evaluate {name}")
+    images[name], seconds = _cached(out / "methods" / f"{name}.npz",
+                                    lambda: runners[name](config, workdir, clusters, prompts))
+    table[name] = dict(score(images[name], prompts, clusters, clip, dino,
+                             ev.images_per_prompt),
+                       seconds_per_subject=float(np.mean(seconds)))
+    bar.update(1)
+  bar.close()
+
+  curve = {}
+  if "suti" in names and ev.max_demos:
+    most = min(ev.max_demos, min(len(c.images) for c in clusters))
+    for n in range(1, most + 1):
+      imgs, seconds = _cached(out / "methods" / f"suti_{n}_demos.npz",
+                              lambda: run_suti(config, workdir, clusters, prompts, num_demos=n))
+      row = score(imgs, prompts, clusters, clip, dino, ev.images_per_prompt)
+      curve[n] = {k: row[k] for k in ("dino", "clip_i", "clip_t") if k in row}
+      curve[n]["seconds_per_subject"] = float(np.mean(seconds))
+
+  tiles, columns = grid(clusters, images, ev.images_per_prompt,
+                        config.apprentice.num_inference_demos)
+  train_lib.save_grid(out / "grid.png", tiles, columns=columns)
+  markdown = format_table(table)
+  (out / "table.md").write_text(markdown + "\n")
+  summary = {"subjects": [c.subject_id for c in clusters],
+             "prompts_per_subject": len(prompts[0]),
+             "images_per_prompt": ev.images_per_prompt, "sampler": ev.sampler,
+             "sample_steps": ev.sample_steps, "methods": names, "table": table,
+             "demo_curve": curve, "grid": str(out / "grid.png"),
+             "columns": ["demos"] * config.apprentice.num_inference_demos + names}
+  train_lib.write_json(summary_path, summary)
+  log.info("evaluate:\n%s", markdown)
+  return summary

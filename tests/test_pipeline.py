@@ -1,0 +1,92 @@
+"""The whole pipeline on the tiny config, run the way a user first runs it: the Colab notebook's
+code cells (launch/colab_tpu.ipynb) executed on CPU. Then: complete stages are skipped, the
+report has its tables and grids, and the export generates on its own."""
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from suti import config_lib, launch
+from tests.conftest import REPO
+
+NOTEBOOK = REPO / "launch" / "colab_tpu.ipynb"
+ALL_STAGES = ["data", "clip", "pretrain", "experts", "apprentice", "evaluate", "export"]
+
+
+@pytest.fixture(scope="module")
+def notebook_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("pipeline") / "w"
+  env = {"SUTI_NOTEBOOK_CONFIG": str(REPO / "configs" / "tiny.py"),
+         "SUTI_NOTEBOOK_WORKDIR": str(workdir), "SUTI_NOTEBOOK_INSTALL": "0"}
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  namespace = {"__name__": "__notebook__"}
+  try:
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    for cell in cells:
+      if cell["cell_type"] == "code":
+        exec(compile("".join(cell["source"]), str(NOTEBOOK), "exec"), namespace)  # pylint: disable=exec-used
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  return workdir, namespace
+
+
+def test_every_stage_ran_and_wrote_its_outputs(notebook_run):
+  workdir, ns = notebook_run
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert list(summary) == ALL_STAGES
+  assert summary["experts"]["samples"] > 0
+  assert summary["apprentice"]["steps"] == 20
+  table = summary["evaluate"]["table"]
+  assert list(table) == ["base", "experts", "suti", "dream_suti", "oracle"]
+  for row in table.values():
+    for metric in ("dino", "clip_i", "clip_t", "mdino", "mclip_i"):
+      assert -1.0 <= row[metric] <= 1.0
+  assert table["suti"]["seconds_per_subject"] > 0 and table["oracle"]["num_images"] == 4
+  assert set(summary["evaluate"]["demo_curve"]) == {"1", "2", "3"}
+  assert ns["images"].shape == (4, 16, 16, 3)  # the notebook's last cell, from the export
+
+
+def test_report_has_the_table_and_grids(notebook_run):
+  workdir, _ = notebook_run
+  report = (workdir / "report.md").read_text()
+  assert "| method | DINO | CLIP-I | CLIP-T | MDINO | MCLIP-I | s/subject |" in report
+  assert "| dream_suti |" in report and "SuTI over the number of demos" in report
+  images = [line.split("](")[1].rstrip(")") for line in report.splitlines()
+            if line.startswith("![")]
+  assert "evaluate/grid.png" in images and len(images) == 4
+  assert all((workdir / path).exists() for path in images)
+
+
+def test_a_second_launch_skips_every_complete_stage(notebook_run):
+  workdir, _ = notebook_run
+  before = json.loads((workdir / "summary.json").read_text())
+  stamps = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()
+            and p.name not in ("summary.json", "config.json")}
+  config = config_lib.validate(config_lib.load_config_file(REPO / "configs" / "tiny.py"))
+  after = launch.run_stages(config, workdir, ALL_STAGES)
+  for stage in ALL_STAGES:
+    assert {k: v for k, v in after[stage].items() if k != "seconds"} == \
+        {k: v for k, v in before[stage].items() if k != "seconds"}, stage
+  changed = [str(p.relative_to(workdir)) for p, t in stamps.items()
+             if p.exists() and p.stat().st_mtime_ns != t]
+  assert not changed, changed
+
+
+def test_export_is_self_contained(notebook_run, tmp_path):
+  # Last in this file: it deletes the apprentice's checkpoints from the shared workdir.
+  import shutil  # pylint: disable=import-outside-toplevel
+  from apprentice import export, generate  # pylint: disable=import-outside-toplevel
+  workdir, ns = notebook_run
+  moved = pathlib.Path(shutil.copytree(export.stage_dir(workdir), tmp_path / "export"))
+  shutil.rmtree(workdir / "apprentice" / "checkpoints")  # nothing of the workdir is needed
+  model, params, frozen = generate.load(moved / "checkpoint")
+  again = generate.generate(model, params, frozen, list(ns["cluster"].images[:4]),
+                            ns["cluster"].prompts[-1], num_images=4, seed=0)
+  np.testing.assert_array_equal(again, ns["images"])
