@@ -13,7 +13,7 @@ import pytest
 from apprentice import data as data_lib
 from apprentice import generate as gen
 from apprentice import stage
-from apprentice.model import Apprentice, is_new_param, new_param_count
+from apprentice.model import Apprentice, new_param_count
 from experts import buffer as buffer_lib
 from experts import stage as experts_stage
 from suti import checkpoint, config_lib, diffusion, plan, pretrain, train_lib

@@ -1,7 +1,6 @@
 """Stage pretrain: it learns, it resumes to the bit, it is data-parallel, it can be skipped."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

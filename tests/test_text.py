@@ -2,7 +2,6 @@
 random Hugging Face checkpoints written here (nothing is downloaded)."""
 import json
 import os
-import pathlib
 import shutil
 
 import jax
