@@ -198,14 +198,13 @@ def format_table(table: dict) -> str:
   return "\n".join(lines)
 
 
-def grid(clusters, images_by_method, images_per_prompt: int, num_demos: int):
+def grid(clusters, images_by_method, num_demos: int):
   """(tiles, columns): a row per subject: its demos, then each method's first image."""
   methods = list(images_by_method)
   tiles = []
   for i, cluster in enumerate(clusters):
     demos = list(cluster.images[:num_demos])
     tiles += demos + [images_by_method[m][i][0] for m in methods]
-  del images_per_prompt
   return np.stack(tiles), num_demos + len(methods)
 
 
@@ -246,8 +245,7 @@ def run(config, workdir) -> dict:
       curve[n] = {k: row[k] for k in ("dino", "clip_i", "clip_t") if k in row}
       curve[n]["seconds_per_subject"] = float(np.mean(seconds))
 
-  tiles, columns = grid(clusters, images, ev.images_per_prompt,
-                        config.apprentice.num_inference_demos)
+  tiles, columns = grid(clusters, images, config.apprentice.num_inference_demos)
   train_lib.save_grid(out / "grid.png", tiles, columns=columns)
   markdown = format_table(table)
   (out / "table.md").write_text(markdown + "\n")
