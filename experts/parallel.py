@@ -138,6 +138,8 @@ def stack_experts(unet_params, num_experts: int, mesh=None):
 
   if mesh is None:
     return jax.jit(stack)(unet_params)
+  if jax.process_count() > 1:  # the base sits on this host's device: make it a global array
+    unet_params = mesh_lib.replicate(unet_params, mesh)
   return jax.jit(stack, out_shardings=NamedSharding(mesh, P(AXIS)))(unet_params)
 
 
@@ -155,7 +157,7 @@ def split_base(trainable: dict, frozen: dict) -> tuple[dict, dict]:
 
 def shard_experts(tree, mesh):
   """Every leaf's leading (expert) axis on the mesh's 'expert' axis."""
-  return jax.device_put(tree, NamedSharding(mesh, P(AXIS)))
+  return mesh_lib.put(tree, NamedSharding(mesh, P(AXIS)))
 
 
 def init_opt_state(tx: optax.GradientTransformation, stacked_unet, mesh=None):
@@ -466,7 +468,7 @@ def finetune(config, model: TextToImage, base_unet, shared, clusters, round_: in
     if callback is not None:
       callback(step, losses)
   n = len(clusters)
-  return stacked, np.asarray(losses)[:n], np.asarray(finite)[:n]
+  return stacked, mesh_lib.to_host(losses)[:n], mesh_lib.to_host(finite)[:n]
 
 
 def finetune_and_sample(config, model: TextToImage, base_unet, shared, clusters, round_: int,
@@ -498,7 +500,8 @@ def finetune_and_sample(config, model: TextToImage, base_unet, shared, clusters,
   _, _, sample = round_functions(config, model, mesh, pack)
   if sample_rng is None:
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), round_)
-  images = np.asarray(sample(stacked, shared, tokens, sample_rng, expert_ids))[:len(clusters)]
+  images = mesh_lib.to_host(sample(stacked, shared, tokens, sample_rng,
+                                   expert_ids))[:len(clusters)]
   finite = finite & np.all(np.isfinite(images.reshape(len(clusters), -1)), axis=-1)
   return train_lib.to_uint8(np.nan_to_num(images)), losses, finite
 

@@ -164,9 +164,12 @@ def run(config, workdir) -> dict:
       info = {"threshold": threshold, "seconds": round(time.time() - round_start, 2),
               "failed_experts": [c.subject_id for c, ok in zip(group, finite) if not ok],
               "losses": [float(x) for x in losses]}
-      writer_buffer.commit_round(round_, records, info=info,
-                                 subject_ids=[c.subject_id for c in group])
-      log_round(writer, out, round_, records, info, len(group), bar)
+      # Every process holds the same records (samples are gathered across hosts); one writes.
+      if mesh_lib.is_main_process():
+        writer_buffer.commit_round(round_, records, info=info,
+                                   subject_ids=[c.subject_id for c in group])
+        log_round(writer, out, round_, records, info, len(group), bar)
+      mesh_lib.barrier(f"experts round {round_} committed")
   finally:
     bar.close()
     writer.close()
@@ -183,9 +186,9 @@ def run(config, workdir) -> dict:
       "seconds_this_run": round(time.time() - start, 1), "devices": mesh.size,
   }
   summary.update(oracle_comparison(buffer_dir(workdir)))
-  tmp = summary_path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(summary, indent=1))
-  tmp.replace(summary_path)
+  if mesh_lib.is_main_process():
+    train_lib.write_json(summary_path, summary)
+  mesh_lib.barrier("experts summary written")
   return summary
 
 

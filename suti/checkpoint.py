@@ -260,7 +260,8 @@ class Checkpoints:
   def _metadata(self, step):
     return dict(self._manager.item_metadata(step))  # only the items this step has
 
-  def restore(self, *, params, opt_state=None, step: int | None = None) -> Restored | None:
+  def restore(self, *, params, opt_state=None, step: int | None = None,
+              data_state: bool = True) -> Restored | None:
     """Restores `step` (default: the latest) into the templates; None when there is none.
 
     `params` / `opt_state` are templates: arrays or `jax.ShapeDtypeStruct`s whose structure,
@@ -287,7 +288,9 @@ class Checkpoints:
       items["opt_state"] = _restore_args(opt_state)
     if "config" in metadata:
       items["config"] = ocp.args.JsonRestore()
-    if "data_state" in metadata:
+    # data_state=False: params only (another job, e.g. a base model read by a later stage
+    # with a different process count, whose data position means nothing here).
+    if data_state and "data_state" in metadata:
       items["data_state"] = grain.checkpoint.CheckpointRestore(_StateBox())
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
     return Restored(

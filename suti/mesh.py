@@ -112,6 +112,41 @@ def shard_batch(batch, mesh: Mesh, axis: str = "data"):
   return jax.tree_util.tree_map_with_path(put, batch)
 
 
+def global_array(x, sharding: NamedSharding) -> jax.Array:
+  """A value every process holds in full (same bytes everywhere) -> one global jax.Array laid
+  out by `sharding`; each process places only the shards its own devices hold."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put(tree, sharding: NamedSharding):
+  """jax.device_put for one process; `global_array` per leaf when a job spans several."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: global_array(x, sharding), tree)
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of an array as numpy on every process, gathering the shards other hosts
+  hold (multihost_utils.process_allgather) when it is not fully addressable here."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def is_main_process() -> bool:
+  """Process 0 writes what the whole job shares (the buffer, summaries)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all arrive (a no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 def replicate(tree, mesh: Mesh):
   """Copies every leaf to every device of the mesh (e.g. params for data parallelism)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  return put(tree, NamedSharding(mesh, P()))

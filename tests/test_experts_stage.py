@@ -156,3 +156,43 @@ def test_a_failed_expert_is_dropped_and_the_others_are_kept(base_workdir):
                         [np.stack(clusters[i].images) for i in (0, 0, 2, 2)],
                         prompts[0] + prompts[2])["delta"]
   np.testing.assert_allclose([r["delta"] for r in records], expected, atol=1e-6)
+
+
+_TWO_HOSTS = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from experts import stage
+from tests.test_experts_stage import _config
+summary = stage.run(_config(), sys.argv[3])
+print("samples", summary["samples"], jax.process_count(), jax.device_count())
+"""
+
+
+def test_two_hosts_write_one_buffer_like_one_host(base_workdir, straight_run, tmp_path):
+  # Two processes x 2 CPU devices, as a 2-host pod: samples are gathered across hosts and
+  # process 0 alone commits. Same noise per expert as the 1-device run, so the same buffer
+  # up to float rounding of the samples.
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.conftest import REPO  # pylint: disable=import-outside-toplevel
+  workdir = _workdir_from(base_workdir, tmp_path / "w")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    address = f"localhost:{s.getsockname()[1]}"
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, address, str(i), str(workdir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+    assert f"samples {straight_run[1]['samples']} 2 4" in out
+  straight, two_hosts = _all_records(straight_run[0]), _all_records(workdir)
+  assert [(r["subject_id"], r["prompt"]) for r in two_hosts] == \
+      [(r["subject_id"], r["prompt"]) for r in straight]
+  for a, b in zip(straight, two_hosts):
+    assert np.abs(a["image"].astype(int) - b["image"]).max() <= 2
+    assert abs(a["delta"] - b["delta"]) < 0.02
