@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import PIL.Image
 
 from apprentice.model import Apprentice, GUIDANCE_MODES
 from suti import checkpoint as checkpoint_lib
@@ -90,8 +91,8 @@ def read_demos(demos: Sequence, size: int) -> np.ndarray:
       raise InputError(f"demo {i}: expected a uint8 [H, W, 3] image, got {array.dtype} "
                        f"{array.shape}")
     if array.shape[:2] != (size, size):
-      array = np.asarray(images_lib.center_crop_resize(
-          images_lib.PIL.Image.fromarray(array), size), np.uint8)
+      array = np.asarray(images_lib.center_crop_resize(PIL.Image.fromarray(array), size),
+                         np.uint8)
     out.append(array)
   return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
