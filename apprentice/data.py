@@ -8,9 +8,7 @@ saved in checkpoints, and a resumed stream yields the same batches as an uninter
 """
 from __future__ import annotations
 
-import logging
 import pathlib
-import time
 
 import jax
 import numpy as np
@@ -18,8 +16,6 @@ import numpy as np
 from experts import buffer as buffer_lib
 from suti import train_lib
 from suti.config_lib import InputError
-
-log = logging.getLogger("suti.apprentice")
 
 
 class EmptyBufferError(InputError):
@@ -147,16 +143,11 @@ def wait_for_records(directory, min_records: int, timeout_s: float, experts_done
   experts_done() says whether the experts stage has finished: then no more records will come
   and waiting is pointless.
   """
-  deadline = time.monotonic() + timeout_s
-  while True:
+  try:
+    return len(buffer_lib.wait_for(directory, min_records, timeout_s, poll_s, threshold,
+                                   give_up=experts_done))
+  except TimeoutError:
     count = len(buffer_lib.BufferSource(directory, threshold))
-    if count >= min_records:
-      return count
-    if experts_done() or time.monotonic() >= deadline:
-      break
-    log.info("apprentice: buffer has %d/%d records; waiting for the experts", count,
-             min_records)
-    time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
   state = "finished" if experts_done() else f"still running after {timeout_s:.0f}s"
   raise EmptyBufferError(
       f"buffer {directory} has {count} admitted records, the apprentice needs >= "

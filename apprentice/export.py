@@ -20,7 +20,7 @@ from apprentice import generate as generate_lib
 from apprentice import stage as apprentice_stage
 from apprentice.model import new_param_count
 from suti import checkpoint as checkpoint_lib
-from suti import train_lib
+from suti import files
 from suti.config_lib import InputError
 from suti.nn.unet import count_params
 
@@ -74,7 +74,7 @@ def run(config, workdir) -> dict:
              "new_params": new_param_count(params), "source": str(source),
              "checkpoint": str(checkpoint_dir(workdir)),
              "bytes": sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())}
-  train_lib.write_json(tmp / "summary.json", summary)
+  files.write_json(tmp / "summary.json", summary)
   shutil.rmtree(out, ignore_errors=True)
   tmp.rename(out)
   return summary

@@ -161,8 +161,9 @@ def conditions(model: Apprentice, trainable, frozen, prompt: str, demos: dict, n
   null = model._encode_text_jit(trainable, frozen, model.null_tokens(num_images))
   repeat = lambda x: jnp.repeat(jnp.asarray(x), num_images, axis=0)
   n = demos["demo_images"].shape[1]
-  captions = model._encode_text_jit(trainable, frozen, {"ids": demos["demo_ids"],
-                                                         "mask": demos["demo_id_mask"]})
+  if n:
+    captions = model._encode_text_jit(trainable, frozen, {"ids": demos["demo_ids"],
+                                                           "mask": demos["demo_id_mask"]})
   if cache:
     with_demos = (model._encode_demos_jit(trainable, jnp.asarray(demos["demo_images"]), captions,
                                           jnp.asarray(demos["demo_mask"]))

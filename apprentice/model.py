@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,10 +88,6 @@ class Apprentice:
     self._encode_demos_jit = jax.jit(self.encode_demos)
 
   # ------------------------------------------------------------------------------ params
-  def _dummy_demo_context(self, batch: int = 1) -> dict:
-    return {r: jnp.zeros((batch, 1, level_channels(self.config, r)), jnp.float32)
-            for r in self.resolutions}
-
   def init(self, rng) -> tuple[dict, dict]:
     """Fresh (trainable, frozen) params: a base init plus the new layers."""
     trainable = jax.jit(self._init_trainable)(rng)
@@ -104,7 +101,7 @@ class Apprentice:
   def _init_trainable(self, rng):
     unet_rng, text_rng, proj_rng = jax.random.split(rng, 3)
     trainable = {"unet": self.unet.init(unet_rng, *unet_lib.dummy_inputs(self.config),
-                                        extra_context=self._dummy_demo_context())["params"]}
+                                        extra_context=self.no_demos(1))["params"]}
     if self.text.trainable:
       trainable["text"] = self.text.init_params(text_rng)
     context = jnp.zeros((1, 1, self.config.model.channels), jnp.float32)  # Conditioning's width
@@ -234,28 +231,11 @@ def is_new_param(path: str) -> bool:
 
 
 def _flatten(tree) -> dict:
-  return {"/".join(k): v for k, v in _flatten_dict(tree).items()}
-
-
-def _flatten_dict(tree, prefix=()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten_dict(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = v
-  return out
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def new_param_count(trainable) -> int:

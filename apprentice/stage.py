@@ -25,9 +25,11 @@ from apprentice import generate as generate_lib
 from apprentice.model import Apprentice, level_channels, new_param_count
 from experts import stage as experts_stage
 from suti import checkpoint as checkpoint_lib
+from suti import files
 from suti import mesh as mesh_lib
 from suti import pretrain
 from suti import train_lib
+from suti.data import images as images_lib
 from suti.data import pipeline
 from suti.data import world as world_lib
 from suti.nn.unet import count_params
@@ -74,10 +76,9 @@ def grid_tiles(examples, samples) -> tuple[np.ndarray, int]:
   width = max(len(e["demos"]) for e in examples) + 2
   tiles = []
   for example, sample in zip(examples, samples):
-    blank = np.full_like(sample, 255)
-    demos = list(example["demos"]) + [blank] * (width - 2 - len(example["demos"]))
-    oracle = example["oracle"] if example["oracle"] is not None else blank
-    tiles += demos + [sample, oracle]
+    oracle = [] if example["oracle"] is None else [example["oracle"]]
+    tiles += images_lib.pad_row(example["demos"], width - 2) + images_lib.pad_row(
+        [sample] + oracle, 2)
   return np.stack(tiles), width
 
 
@@ -159,7 +160,7 @@ def _train(config, workdir, out, ckpt, summary_path) -> dict:
              "buffer_passes": data.get_state()["pass"], "devices": mesh.size,
              "checkpoint": str(checkpoint_dir(workdir)),
              "samples": str(out / "samples" / f"step_{step:06d}.png")}
-  train_lib.write_json(summary_path, summary)
+  files.write_json(summary_path, summary)
   return summary
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import numbers
 import os
@@ -37,6 +38,8 @@ import PIL.Image
 
 from suti.config_lib import InputError
 from suti.data.images import encode_png
+
+log = logging.getLogger("suti.experts")
 
 MANIFEST = "manifest.json"
 SETS = ("admitted", "rejected")
@@ -276,17 +279,22 @@ class BufferSource:
 
 
 def wait_for(directory, min_records: int, timeout_s: float, poll_s: float = 5.0,
-             threshold: float | None = None) -> BufferSource:
-  """Polls until the buffer holds `min_records`: the apprentice starting beside the experts."""
+             threshold: float | None = None, give_up=None) -> BufferSource:
+  """Polls until the buffer holds `min_records`: the apprentice starting beside the experts.
+
+  TimeoutError after timeout_s, or as soon as give_up() is true (e.g. the experts stage has
+  finished, so no more records will come).
+  """
   deadline = time.monotonic() + timeout_s
   while True:
     source = BufferSource(directory, threshold)  # no manifest yet: an empty source
     if len(source) >= min_records:
       return source
-    if time.monotonic() >= deadline:
+    if time.monotonic() >= deadline or (give_up is not None and give_up()):
       raise TimeoutError(f"buffer {directory}: {len(source)} < {min_records} records "
                          f"after {timeout_s}s")
-    time.sleep(poll_s)
+    log.info("buffer %s: %d/%d records; waiting", directory, len(source), min_records)
+    time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
 def stats(manifest: dict) -> dict[str, Any]:

@@ -30,10 +30,12 @@ import numpy as np
 
 from experts import buffer as buffer_lib
 from experts import parallel
+from suti import files
 from suti import mesh as mesh_lib
 from suti import pretrain
 from suti import scoring
 from suti import train_lib
+from suti.data import images as images_lib
 from suti.data import pipeline
 from suti.data import world as world_lib
 
@@ -108,7 +110,7 @@ def round_tiles(records) -> tuple[np.ndarray, int]:
   tiles = []
   for r in records:
     size = r["image"].shape[0]
-    demos = list(r["demos"]) + [np.full_like(r["image"], 255)] * (width - 2 - len(r["demos"]))
+    demos = images_lib.pad_row(r["demos"], width - 2)
     bar = np.full_like(r["image"], 255)
     filled = int(round(np.clip(r["delta"] / 0.2, 0, 1) * size))
     colour = (40, 170, 60) if r["admitted"] else (200, 40, 40)
@@ -187,7 +189,7 @@ def run(config, workdir) -> dict:
   }
   summary.update(oracle_comparison(buffer_dir(workdir)))
   if mesh_lib.is_main_process():
-    train_lib.write_json(summary_path, summary)
+    files.write_json(summary_path, summary)
   mesh_lib.barrier("experts summary written")
   return summary
 

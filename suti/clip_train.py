@@ -33,6 +33,7 @@ import optax
 
 from suti import checkpoint as checkpoint_lib
 from suti import clip as clip_lib
+from suti import files
 from suti import train_lib
 from suti.data import pipeline
 from suti.data import world as world_lib
@@ -365,12 +366,6 @@ def evaluate(scorer: clip_lib.ClipScorer, clusters, world, threshold: float = 0.
 # The stage.
 
 
-def _write_json(path, value):
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=1))
-  tmp.replace(path)
-
-
 def train_world_clip(config, workdir) -> dict:
   """Trains (or resumes, or skips when complete) the world CLIP; returns its summary."""
   import transformers  # pylint: disable=import-outside-toplevel
@@ -470,7 +465,7 @@ def train_world_clip(config, workdir) -> dict:
              "params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))), **result}
   print("clip: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in summary.items() if k != "path"))
-  _write_json(summary_path, summary)  # last: marks the stage complete
+  files.write_json(summary_path, summary)  # last: marks the stage complete
   return summary
 
 

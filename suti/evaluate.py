@@ -17,6 +17,7 @@ method | oracle, first prompt), table.md (Table 1 of the paper), summary.json.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
@@ -25,6 +26,7 @@ import time
 import jax
 import numpy as np
 
+from suti import files
 from suti import metrics
 from suti import pretrain
 from suti import scoring
@@ -76,9 +78,28 @@ def _sampling(config):
 
 # ------------------------------------------------------------------------------ methods
 
-def run_base(config, workdir, clusters, prompts):
+class Models:
+  """The base model and the apprentice, each read from disk once per evaluation, so every
+  method and every point of the demo curve shares one model object (and its compiled
+  samplers) instead of reloading and recompiling."""
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+
+  @functools.cached_property
+  def base(self):
+    return pretrain.load_base(self.config, self.workdir)
+
+  @functools.cached_property
+  def apprentice(self):
+    from apprentice import generate as gen  # pylint: disable=import-outside-toplevel
+    from apprentice import stage as apprentice_stage  # pylint: disable=import-outside-toplevel
+    return gen.load(apprentice_stage.checkpoint_dir(self.workdir), config=self.config)
+
+
+def run_base(config, models, clusters, prompts):
   ev = config.evaluate
-  model, trainable, frozen = pretrain.load_base(config, workdir)
+  model, trainable, frozen = models.base
   images, seconds = [], []
   for i, ps in enumerate(prompts):
     start = time.perf_counter()
@@ -91,11 +112,11 @@ def run_base(config, workdir, clusters, prompts):
   return images, seconds
 
 
-def run_experts(config, workdir, clusters, prompts):
+def run_experts(config, models, clusters, prompts):
   from experts import parallel  # pylint: disable=import-outside-toplevel
   from suti import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
 
-  model, trainable, frozen = pretrain.load_base(config, workdir)
+  model, trainable, frozen = models.base
   base_unet, shared = parallel.split_base(trainable, frozen)
   mesh = mesh_lib.mesh_from_config(config, parallel.AXIS)
   k = config.experts.num_experts
@@ -112,12 +133,11 @@ def run_experts(config, workdir, clusters, prompts):
   return images, seconds
 
 
-def run_suti(config, workdir, clusters, prompts, *, num_demos=None, finetune=False):
+def run_suti(config, models, clusters, prompts, *, num_demos=None, finetune=False):
   from apprentice import generate as gen  # pylint: disable=import-outside-toplevel
-  from apprentice import stage as apprentice_stage  # pylint: disable=import-outside-toplevel
 
   ev, ac = config.evaluate, config.apprentice
-  model, params, frozen = gen.load(apprentice_stage.checkpoint_dir(workdir), config=config)
+  model, params, frozen = models.apprentice
   num_demos = num_demos or ac.num_inference_demos
   images, seconds = [], []
   for i, (cluster, ps) in enumerate(zip(clusters, prompts)):
@@ -135,8 +155,8 @@ def run_suti(config, workdir, clusters, prompts, *, num_demos=None, finetune=Fal
   return images, seconds
 
 
-def run_oracle(config, workdir, clusters, prompts):
-  del workdir
+def run_oracle(config, models, clusters, prompts):
+  del models
   world = world_lib.from_config(config)
   ev = config.evaluate
   images = []
@@ -223,12 +243,13 @@ def run(config, workdir) -> dict:
   runners = {"base": run_base, "experts": run_experts, "suti": run_suti,
              "dream_suti": lambda *a: run_suti(*a, finetune=True), "oracle": run_oracle}
   names = methods_to_run(config)
+  models = Models(config, workdir)
   images, table = {}, {}
   bar = train_lib.progress(len(names), 0, "evaluate")
   for name in names:
     bar.set_description(f"evaluate {name}")
     images[name], seconds = _cached(out / "methods" / f"{name}.npz",
-                                    lambda: runners[name](config, workdir, clusters, prompts))
+                                    lambda: runners[name](config, models, clusters, prompts))
     table[name] = dict(score(images[name], prompts, clusters, clip, dino,
                              ev.images_per_prompt),
                        seconds_per_subject=float(np.mean(seconds)))
@@ -239,8 +260,11 @@ def run(config, workdir) -> dict:
   if "suti" in names and ev.max_demos:
     most = min(ev.max_demos, min(len(c.images) for c in clusters))
     for n in range(1, most + 1):
-      imgs, seconds = _cached(out / "methods" / f"suti_{n}_demos.npz",
-                              lambda: run_suti(config, workdir, clusters, prompts, num_demos=n))
+      # The method row already drew SuTI with num_inference_demos demos: same images.
+      path = (out / "methods" / "suti.npz" if n == config.apprentice.num_inference_demos
+              else out / "methods" / f"suti_{n}_demos.npz")
+      imgs, seconds = _cached(path, lambda: run_suti(config, models, clusters, prompts,
+                                                     num_demos=n))
       row = score(imgs, prompts, clusters, clip, dino, ev.images_per_prompt)
       curve[n] = {k: row[k] for k in ("dino", "clip_i", "clip_t") if k in row}
       curve[n]["seconds_per_subject"] = float(np.mean(seconds))
@@ -255,6 +279,6 @@ def run(config, workdir) -> dict:
              "sample_steps": ev.sample_steps, "methods": names, "table": table,
              "demo_curve": curve, "grid": str(out / "grid.png"),
              "columns": ["demos"] * config.apprentice.num_inference_demos + names}
-  train_lib.write_json(summary_path, summary)
+  files.write_json(summary_path, summary)
   log.info("evaluate:\n%s", markdown)
   return summary

@@ -85,8 +85,8 @@ def generate_to_files() -> dict:
     paths.append(out / f"sample_{i}.png")
     images_lib.save_png(image, paths[-1])
   columns = max(len(demos), len(images))
-  blank = lambda n: [images[0] * 0 + 255] * n
-  tiles = list(demos) + blank(columns - len(demos)) + list(images) + blank(columns - len(images))
+  tiles = (images_lib.pad_row(demos, columns, like=images[0])
+           + images_lib.pad_row(images, columns))
   train_lib.save_grid(out / "grid.png", tiles, columns=columns)
   return {"images": [str(p) for p in paths], "grid": str(out / "grid.png"),
           "demos": len(demos), "prompt": _PROMPT.value, "seed": _SEED.value,

@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from suti import config_lib
+from suti import files
 
 # Stage name -> module with `run(config, workdir) -> dict`. Stages of config_lib.PIPELINE_ORDER
 # that are missing here are not built yet; asking for one is an error before any work starts.
@@ -74,9 +75,7 @@ def run_stages(config, workdir, stages: list[str]) -> dict:
     start = time.time()
     result = importlib.import_module(STAGES[name]).run(config, workdir)
     summary[name] = dict(result or {}, seconds=round(time.time() - start, 2))
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(summary_path)
+    files.write_json(summary_path, summary)
     log.info("stage %s: done in %.1fs: %s", name, summary[name]["seconds"],
              json.dumps(summary[name]))
   return summary

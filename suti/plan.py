@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import math
 import pathlib
@@ -56,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from suti import diffusion
+from suti import files
 from suti import pretrain
 from suti import train_lib
 from suti.model import TextToImage
@@ -361,9 +361,7 @@ def run(config, workdir) -> dict:
                _si(program.params), program.batch_per_device)
       doc["rows"].append(measure(program, ctx, compile_))
       # Written after every row: a big model's compile takes minutes, keep what is done.
-      tmp = out.with_suffix(".tmp")
-      tmp.write_text(json.dumps(doc, indent=1))
-      tmp.replace(out)
+      files.write_json(out, doc)
   rows = doc["rows"]
   print(format_table(rows))
   print(f"({caveat}; total = argument + output + temp - alias)")

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from suti import checkpoint as checkpoint_lib
+from suti import files
 from suti import mesh as mesh_lib
 from suti import train_lib
 from suti.data import pipeline
@@ -154,5 +155,5 @@ def run(config, workdir) -> dict:
              "images_per_second": round((step - start_step) * pc.batch_size / seconds, 2),
              "devices": mesh.size, "checkpoint": str(out / "checkpoints"),
              "samples": str(out / "samples" / f"step_{step:06d}.png")}
-  train_lib.write_json(summary_path, summary)
+  files.write_json(summary_path, summary)
   return summary

@@ -50,7 +50,7 @@ def terminal_table(summary: dict) -> str:
   return "\n".join(lines)
 
 
-def _grids(workdir: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
+def grids(workdir: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
   """(title, path) of the newest grid of each stage that wrote one."""
   found = []
   for title, pattern in (("Base model samples (pretrain)", "pretrain/samples/step_*.png"),
@@ -87,10 +87,10 @@ def write_report(workdir, summary: dict) -> pathlib.Path:
                      f"{row.get('clip_t', float('nan')):.3f} |")
       if evaluation.get("columns"):
         lines += ["", "Grid columns: " + " | ".join(evaluation["columns"]) + "."]
-  grids = _grids(workdir)
-  if grids:
+  found = grids(workdir)
+  if found:
     lines += ["", "## Sample grids"]
-    for title, path in grids:
+    for title, path in found:
       lines += ["", f"### {title}", "", f"![{title}]({os.path.relpath(path, workdir)})"]
   path = workdir / "report.md"
   path.write_text("\n".join(lines) + "\n")

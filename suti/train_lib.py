@@ -119,7 +119,7 @@ def progress(total: int, initial: int, desc: str):
 
 
 def fit(name: str, section, *, train_step, trainable, opt_state, frozen, data, mesh, ckpt,
-        writer, step: int, save_samples, config, meta: dict | None = None):
+        writer, step: int, save_samples, config):
   """The data-parallel loop pretrain and the apprentice share, from `step` to
   section.num_steps; `section` (config.pretrain, config.apprentice) also gives batch_size,
   log_every, checkpoint_every and sample_every.
@@ -162,18 +162,10 @@ def fit(name: str, section, *, train_step, trainable, opt_state, frozen, data, m
       bar.update(1)
       if step % checkpoint_every == 0 or step == num_steps:
         ckpt.save(step, params=trainable, opt_state=opt_state, config=config,
-                  data_state=data.get_state(), meta=dict(meta or {}, stage=name))
+                  data_state=data.get_state(), meta={"stage": name})
       if step % sample_every == 0 or step == num_steps:
         save_samples(step, trainable)
   finally:
     bar.close()
     ckpt.wait()
   return trainable, opt_state, step, last_loss
-
-
-def write_json(path, value) -> None:
-  """Atomically (temp file, rename) writes a JSON summary."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=1))
-  tmp.replace(path)

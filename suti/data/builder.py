@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from suti import files
 from suti.config_lib import InputError
 from suti.data import images as images_lib
 from suti.data import sources
@@ -167,7 +168,5 @@ def build(config, out_dir) -> dict:
                   "subjects": [{"subject": s, "reason": r}
                                for s, r in report.skipped_subjects]},
   }
-  tmp = summary_path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(summary, indent=1))
-  tmp.replace(summary_path)  # the summary's presence marks the build complete
+  files.write_json(summary_path, summary)  # the summary's presence marks the build complete
   return summary

@@ -64,6 +64,14 @@ def save_png(array: np.ndarray, path: str | pathlib.Path) -> None:
   pathlib.Path(path).write_bytes(encode_png(array))
 
 
+def pad_row(images, width: int, like=None) -> list[np.ndarray]:
+  """A grid row: `images`, then white tiles (shaped like the first image, or `like`) up to
+  `width` tiles."""
+  images = list(images)
+  blank = np.full_like(images[0] if images else like, 255)
+  return images + [blank] * (width - len(images))
+
+
 def image_grid(images: np.ndarray, columns: int, pad: int = 1, upscale: int = 1) -> np.ndarray:
   """uint8 [N, H, W, 3] -> one uint8 grid image, row-major, with white padding."""
   images = np.asarray(images)
