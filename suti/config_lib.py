@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.world.min_images = 3
   c.data.world.max_images = 6
   c.data.world.num_unseen_prompts = 4
+  c.data.world.background_blur = 0.0  # output pixels; > 0 smooths scenes' texture (World)
 
   c.model = ml_collections.ConfigDict()
   c.model.channels = 32
@@ -204,7 +205,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.num_subjects = 8
   c.evaluate.images_per_prompt = 1
   c.evaluate.prompts_per_subject = 0  # 0: all of each subject's prompts
-  c.evaluate.methods = "base,experts,suti,dream_suti,oracle"
+  c.evaluate.methods = "base,experts,suti,suti_other_demos,dream_suti,oracle"
   c.evaluate.sampler = "ddpm"         # every method samples the same way
   c.evaluate.sample_steps = 100
   c.evaluate.max_demos = 5            # SuTI's curve over 1..max_demos demos (0: none)
@@ -306,6 +307,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"data.min_demos ({config.data.min_demos}) must be <= data.max_demos "
                       f"({config.data.max_demos})")
   world = config.data.world
+  blur = world.background_blur
+  if (isinstance(blur, bool) or not isinstance(blur, (int, float))
+      or not 0 <= blur <= config.image_size / 4):
+    raise ConfigError(f"data.world.background_blur must be a number of pixels in [0, "
+                      f"image_size / 4 = {config.image_size / 4:g}], got {blur!r}")
   if world.min_images > world.max_images:
     raise ConfigError(f"data.world.min_images ({world.min_images}) must be <= "
                       f"data.world.max_images ({world.max_images})")

@@ -5,6 +5,9 @@ unseen prompts; DreamBench's prompt list), `evaluate.images_per_prompt` images f
   base        the base model, no personalisation (the prompt names only the class)
   experts     one expert fine-tuned on the subject (the DreamBooth analogue; config.experts)
   suti        the apprentice in context, from `apprentice.num_inference_demos` demos
+  suti_other_demos  a control: the apprentice given the *next* subject's demos (same prompts,
+              same seeds). SuTI's DINO / CLIP-I above this row is what reading the demos adds;
+              equal rows mean an apprentice that ignores its demos, whatever the other rows say
   dream_suti  the apprentice fine-tuned on the subject first (`apprentice.finetune_steps`)
   oracle      the world's true render of each prompt (the real-image reference row; world only)
 All sample with `evaluate.sampler` and `evaluate.sample_steps`. Scores: DINO, CLIP-I, CLIP-T,
@@ -37,7 +40,7 @@ from suti.data import world as world_lib
 
 log = logging.getLogger("suti.evaluate")
 
-METHODS = ("base", "experts", "suti", "dream_suti", "oracle")
+METHODS = ("base", "experts", "suti", "suti_other_demos", "dream_suti", "oracle")
 METRIC_COLUMNS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
 
 
@@ -123,24 +126,32 @@ def run_experts(config, models, clusters, prompts):
   images, seconds = [], []
   for start_index in range(0, len(clusters), k):
     group = clusters[start_index:start_index + k]
+    group_prompts = prompts[start_index:start_index + k]
+    # One compiled sampler draws the same number of prompts for every expert: subjects with
+    # fewer (DreamBench's live and object lists may differ) repeat their last, trimmed after.
+    most = max(len(ps) for ps in group_prompts)
     start = time.perf_counter()
     out, _, _ = parallel.finetune_and_sample(
         config, model, base_unet, shared, group, round_=1000 + start_index, mesh=mesh,
-        prompts=prompts[start_index:start_index + k])
+        prompts=[ps + ps[-1:] * (most - len(ps)) for ps in group_prompts])
     per_subject = (time.perf_counter() - start) / len(group)
-    images += list(out)
+    images += [x[:len(ps) * config.evaluate.images_per_prompt]
+               for x, ps in zip(out, group_prompts)]
     seconds += [per_subject] * len(group)
   return images, seconds
 
 
-def run_suti(config, models, clusters, prompts, *, num_demos=None, finetune=False):
+def run_suti(config, models, clusters, prompts, *, num_demos=None, finetune=False,
+             demos_of_subject=0):
+  """demos_of_subject=k: subject i is drawn from subject (i + k)'s demos (the control)."""
   from apprentice import generate as gen  # pylint: disable=import-outside-toplevel
 
   ev, ac = config.evaluate, config.apprentice
   model, params, frozen = models.apprentice
   num_demos = num_demos or ac.num_inference_demos
   images, seconds = [], []
-  for i, (cluster, ps) in enumerate(zip(clusters, prompts)):
+  for i, ps in enumerate(prompts):
+    cluster = clusters[(i + demos_of_subject) % len(clusters)]
     demos, captions = list(cluster.images[:num_demos]), list(cluster.captions[:num_demos])
     start = time.perf_counter()
     subject_params = params
@@ -167,7 +178,7 @@ def run_oracle(config, models, clusters, prompts):
   return images, [0.0] * len(clusters)
 
 
-def methods_to_run(config) -> list[str]:
+def methods_to_run(config, num_subjects: int | None = None) -> list[str]:
   names = [m.strip() for m in config.evaluate.methods.split(",") if m.strip()]
   unknown = [m for m in names if m not in METHODS]
   if unknown:
@@ -176,6 +187,8 @@ def methods_to_run(config) -> list[str]:
     names = [m for m in names if m != "oracle"]  # real photos have no oracle
   if not config.apprentice.finetune_steps:
     names = [m for m in names if m != "dream_suti"]
+  if min(config.evaluate.num_subjects, num_subjects or 2) < 2:  # no other subject's demos
+    names = [m for m in names if m != "suti_other_demos"]
   return names
 
 
@@ -205,6 +218,12 @@ def score(images, prompts, clusters, clip, dino, images_per_prompt: int) -> dict
     per_subject.append(metrics.subject_scores(generated, expanded, np.stack(cluster.images),
                                               clip=clip, dino=dino, reference_masks=masks))
   return metrics.aggregate(per_subject)
+
+
+def demo_gain(table: dict) -> dict:
+  """What SuTI's own demos add over another subject's: DINO and CLIP-I, suti minus control."""
+  return {k: table["suti"][k] - table["suti_other_demos"][k] for k in ("dino", "clip_i")
+          if k in table["suti"] and k in table["suti_other_demos"]}
 
 
 def format_table(table: dict) -> str:
@@ -241,8 +260,9 @@ def run(config, workdir) -> dict:
   clip = scoring.load_clip(config, workdir)
   dino = scoring.load_dino(config, workdir)
   runners = {"base": run_base, "experts": run_experts, "suti": run_suti,
+             "suti_other_demos": lambda *a: run_suti(*a, demos_of_subject=1),
              "dream_suti": lambda *a: run_suti(*a, finetune=True), "oracle": run_oracle}
-  names = methods_to_run(config)
+  names = methods_to_run(config, len(clusters))
   models = Models(config, workdir)
   images, table = {}, {}
   bar = train_lib.progress(len(names), 0, "evaluate")
@@ -279,6 +299,8 @@ def run(config, workdir) -> dict:
              "sample_steps": ev.sample_steps, "methods": names, "table": table,
              "demo_curve": curve, "grid": str(out / "grid.png"),
              "columns": ["demos"] * config.apprentice.num_inference_demos + names}
+  if "suti_other_demos" in table:
+    summary["demo_gain"] = demo_gain(table)
   files.write_json(summary_path, summary)
   log.info("evaluate:\n%s", markdown)
   return summary

@@ -78,6 +78,12 @@ def write_report(workdir, summary: dict) -> pathlib.Path:
               f"prompts each, {evaluation['images_per_prompt']} image(s) per prompt, "
               f"{evaluation['sampler']} {evaluation['sample_steps']} steps.", "",
               evaluate.format_table(evaluation["table"])]
+    if evaluation.get("demo_gain"):
+      gain = evaluation["demo_gain"]
+      lines += ["", "What the subject's own demos add over another subject's (suti minus "
+                "suti_other_demos): " + ", ".join(f"{k.upper().replace('_', '-')} {v:+.3f}"
+                                                 for k, v in gain.items())
+                + ". Near zero: the apprentice is not reading its demos."]
     if evaluation.get("demo_curve"):
       lines += ["", "SuTI over the number of demos:", "", "| demos | DINO | CLIP-I | CLIP-T |",
                 "|---:|---:|---:|---:|"]

@@ -85,9 +85,12 @@ def to_model_space(images) -> np.ndarray:
   return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
-def save_grid(path, images_uint8, columns: int, upscale: int = 2) -> np.ndarray:
-  """Writes a PNG grid of uint8 images; returns the grid."""
+def save_grid(path, images_uint8, columns: int, upscale: int | None = None) -> np.ndarray:
+  """Writes a PNG grid of uint8 images; returns the grid. Tiles are upscaled (nearest) to at
+  least 64 px unless `upscale` is given, so 16x16 samples stay readable."""
   path = pathlib.Path(path)
+  if upscale is None:
+    upscale = max(1, -(-64 // np.asarray(images_uint8).shape[1]))
   path.parent.mkdir(parents=True, exist_ok=True)
   grid = images_lib.image_grid(images_uint8, columns, upscale=upscale)
   tmp = path.with_name(path.stem + ".tmp.png")

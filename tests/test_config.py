@@ -6,7 +6,7 @@ from tests.conftest import load_config
 
 
 @pytest.mark.parametrize("name,arg", [("tiny", None), ("demo", None), ("demo", "64"),
-                                      ("paper", None)])
+                                      ("bench", None), ("paper", None)])
 def test_shipped_configs_validate(name, arg):
   config = load_config(name, arg)
   assert config_lib.validate(config) is config
@@ -48,6 +48,8 @@ def test_dreambench_config_requires_path():
     ("mesh.expert", 0, "mesh.expert must be a positive integer or -1"),
     ("stages", "data,pretrian", "unknown stage 'pretrian'"),
     ("stages", " , ", "stages must name at least one stage"),
+    ("data.world.background_blur", 5.0, r"data.world.background_blur must be a number of "
+                                        r"pixels in \[0, image_size / 4 = 4\], got 5.0"),
     ("apprentice.num_train_demos", 4, r"apprentice.num_train_demos \(4\) must be <= "
                                       r"data.min_demos \(3\)"),
 ])
@@ -64,3 +66,14 @@ def test_bad_values_name_key_and_value(key, value, message):
 
 def test_parse_stages_keeps_order():
   assert config_lib.parse_stages("pretrain, data") == ["pretrain", "data"]
+
+
+def test_demo_config_sizes_and_a_bad_argument():
+  sizes = {arg: load_config("demo", arg) for arg in (None, "32", "64")}
+  assert [c.image_size for c in sizes.values()] == [16, 32, 64]
+  # The same network at every size: attention and patches at the same fractions of the image.
+  for c in sizes.values():
+    assert c.model.attention_resolutions == (c.image_size // 4,)
+    assert c.image_size // c.clip.patch_size == 8
+  with pytest.raises(config_lib.ConfigError, match="configs/demo.py takes no argument"):
+    load_config("demo", "128")

@@ -1,6 +1,7 @@
 """The whole pipeline on the tiny config, run the way a user first runs it: the Colab notebook's
 code cells (launch/colab_tpu.ipynb) executed on CPU. Then: complete stages are skipped, the
-report has its tables and grids, and the export generates on its own."""
+report has its tables and grids, the export generates on its own, and the trained models are
+evaluated on a DreamBench-layout folder."""
 import json
 import os
 import pathlib
@@ -10,6 +11,8 @@ import pytest
 
 from suti import config_lib, launch
 from tests.conftest import REPO
+from tests.test_data_sources import make_dreambench
+from tests.test_scoring import real_dirs  # pylint: disable=unused-import  (a fixture)
 
 NOTEBOOK = REPO / "launch" / "colab_tpu.ipynb"
 ALL_STAGES = ["data", "clip", "pretrain", "experts", "apprentice", "evaluate", "export"]
@@ -44,7 +47,7 @@ def test_every_stage_ran_and_wrote_its_outputs(notebook_run):
   assert summary["experts"]["samples"] > 0
   assert summary["apprentice"]["steps"] == 20
   table = summary["evaluate"]["table"]
-  assert list(table) == ["base", "experts", "suti", "dream_suti", "oracle"]
+  assert list(table) == ["base", "experts", "suti", "suti_other_demos", "dream_suti", "oracle"]
   for row in table.values():
     for metric in ("dino", "clip_i", "clip_t", "mdino", "mclip_i"):
       assert -1.0 <= row[metric] <= 1.0
@@ -90,3 +93,69 @@ def test_export_is_self_contained(notebook_run, tmp_path):
   again = generate.generate(model, params, frozen, list(ns["cluster"].images[:4]),
                             ns["cluster"].prompts[-1], num_images=4, seed=0)
   np.testing.assert_array_equal(again, ns["images"])
+
+
+def test_the_other_demos_control_gives_each_subject_the_next_subjects_demos(monkeypatch):
+  from apprentice import generate as gen  # pylint: disable=import-outside-toplevel
+  from suti import evaluate  # pylint: disable=import-outside-toplevel
+  from suti.data.types import SubjectCluster  # pylint: disable=import-outside-toplevel
+
+  def cluster(i):
+    images = [np.full((16, 16, 3), 10 * i + j, np.uint8) for j in range(5)]
+    return SubjectCluster(subject_id=f"s{i}", class_name="ball", images=images,
+                          captions=[f"c{i}"] * 5, prompts=[f"p{i}"], masks=[], spec="")
+
+  seen = []
+
+  def fake_generate(model, params, frozen, demos, prompt, *, captions, num_images, seed):
+    seen.append((int(demos[0][0, 0, 0]), len(demos), captions[0], prompt, seed))
+    return np.zeros((num_images, 16, 16, 3), np.uint8)
+
+  monkeypatch.setattr(gen, "generate", fake_generate)
+  models = type("Models", (), {"apprentice": (None, None, None)})()
+  config = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+  clusters = [cluster(i) for i in range(3)]
+  prompts = [c.prompts for c in clusters]
+  evaluate.run_suti(config, models, clusters, prompts, demos_of_subject=1)
+  n = config.apprentice.num_inference_demos
+  # Subject i keeps its prompt and seed but reads subject i+1's demos and captions.
+  assert seen == [(10, n, "c1", "p0", config.seed), (20, n, "c2", "p1", config.seed + 1),
+                  (0, n, "c0", "p2", config.seed + 2)]
+  assert "suti_other_demos" in evaluate.methods_to_run(config, 3)
+  assert "suti_other_demos" not in evaluate.methods_to_run(config, 1)
+  table = {"suti": {"dino": 0.5, "clip_i": 0.25}, "suti_other_demos": {"dino": 0.25,
+                                                                      "clip_i": 0.25}}
+  assert evaluate.demo_gain(table) == {"dino": 0.25, "clip_i": 0.0}
+
+
+def test_evaluate_runs_on_a_dreambench_folder_with_given_scoring_models(notebook_run, tmp_path,
+                                                                         real_dirs):
+  """configs/dreambench.py's path: real photos in DreamBench's layout, pretrained CLIP / DINO
+  given by path (tiny ones in the Hugging Face format here), the trained models of a run."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from suti import evaluate, scoring  # pylint: disable=import-outside-toplevel
+  from suti.data import stage as data_stage  # pylint: disable=import-outside-toplevel
+
+  trained, _ = notebook_run
+  workdir = tmp_path / "db"
+  for name in ("pretrain", "apprentice"):
+    shutil.copytree(trained / name, workdir / name)
+  config = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+  config.data.source, config.data.path = "dreambench", str(make_dreambench(tmp_path / "src"))
+  config.clip.path, config.dino.path = (str(d) for d in real_dirs)
+  config.apprentice.num_inference_demos = 3
+  config.evaluate.images_per_prompt = 2
+  config_lib.validate(config)
+  data_stage.run(config, workdir)
+  assert scoring.run(config, workdir)["clip"] == {"path": str(real_dirs[0]), "trained": False}
+  summary = evaluate.run(config, workdir)
+  # backpack (3 usable photos) and dog (5); teapot has 2 and is skipped by the data stage.
+  assert summary["subjects"] == ["backpack", "dog"]
+  assert summary["methods"] == ["base", "experts", "suti", "suti_other_demos", "dream_suti"]
+  for name in summary["methods"]:
+    images = np.load(workdir / "evaluate" / "methods" / f"{name}.npz")
+    # Every prompt of the subject's DreamBench list (object: 3, live: 2), 2 images each.
+    assert [images[f"images_{i}"].shape[0] for i in range(2)] == [6, 4], name
+    row = summary["table"][name]
+    assert all(-1.0 <= row[m] <= 1.0 for m in ("dino", "clip_i", "clip_t", "mdino"))
+  assert set(summary["demo_curve"]) == {"1", "2", "3"} and "demo_gain" in summary

@@ -125,3 +125,13 @@ def test_batch_must_divide_devices(data_workdir, tmp_path):
   config.mesh.data = 5
   with pytest.raises(ValueError, match="5"):
     pretrain.run(config, workdir)
+
+
+def test_sample_grids_upscale_small_images_to_64_pixels(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+  grid = train_lib.save_grid(tmp_path / "g.png", images, columns=3)
+  # 16 px tiles x4 (nearest), 1 px padding between tiles.
+  assert grid.shape[0] >= 2 * 64 and grid.shape[1] >= 3 * 64
+  assert (grid[1:5, 1:5] == images[0, 0, 0]).all() and (grid[5, 5] == images[0, 1, 1]).all()
+  assert train_lib.save_grid(tmp_path / "h.png", np.zeros((2, 64, 64, 3), np.uint8),
+                             columns=2).shape[0] < 2 * 64

@@ -186,6 +186,32 @@ def test_background_varies_with_seed(w32):
     assert not np.array_equal(a[outside], b[outside]), background
 
 
+def test_background_blur_smooths_the_scene_and_keeps_the_subject():
+  sharp, soft = World(seed=0, image_size=16), World(seed=0, image_size=16, background_blur=1.5)
+  subject = _subject()
+  for background in ("brick", "water", "grass", "night"):
+    prompt = sharp.prompt(subject, Scene(background))
+    (a, mask_a), (b, mask_b) = (w.render(subject, prompt, seed=3) for w in (sharp, soft))
+    np.testing.assert_array_equal(mask_a, mask_b)
+    inner = mask_a & ~_dilate(~mask_a)  # the subject, away from its (blended) edge
+    np.testing.assert_array_equal(a[inner], b[inner])
+    outside = ~_dilate(_dilate(mask_a))
+    a, b = a.astype(float), b.astype(float)
+    def texture(x):
+      return np.abs(np.diff(x, axis=1))[outside[:, 1:] & outside[:, :-1]].mean()
+    assert texture(b) < 0.6 * texture(a), background
+    assert np.abs(a[outside].mean(0) - b[outside].mean(0)).max() < 12, background  # colours
+  assert world.from_config(_blurred_config()).render(subject, prompt, 3)[0].tobytes() == (
+      soft.render(subject, prompt, 3)[0].tobytes())
+
+
+def _blurred_config():
+  config = load_config("tiny")
+  config.image_size = 16
+  config.data.world.background_blur = 1.5
+  return config
+
+
 def test_mask_area_and_extent_within_bounds(w32):
   for i, subject in enumerate(w32.subjects("train", 60)):
     scene = Scene(world.BACKGROUNDS[i % len(world.BACKGROUNDS)],
@@ -398,6 +424,8 @@ def test_from_config_uses_world_seed_and_image_size():
     (dict(image_size=512), "got 512"),
     (dict(image_size="32"), "got '32'"),
     (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    (dict(background_blur=-1.0), "background_blur must be in [0, image_size / 4 = 8]"),
+    (dict(background_blur=9), "got 9"),
 ])
 def test_world_rejects_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=re.escape(message)):

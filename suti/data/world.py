@@ -711,6 +711,18 @@ def _downsample(img, f):
   return out * (1 / (f * f))
 
 
+def _blur(img, radius: int):
+  """Two passes of a (2 * radius + 1)-wide box filter on both axes (~ a Gaussian), edges held."""
+  for axis in (0, 1, 0, 1):
+    padded = np.pad(img, [(radius + 1, radius) if a == axis else (0, 0) for a in range(3)],
+                    mode="edge")
+    summed = np.cumsum(padded, axis=axis, dtype=np.float32)
+    hi = np.take(summed, np.arange(2 * radius + 1, summed.shape[axis]), axis=axis)
+    lo = np.take(summed, np.arange(0, summed.shape[axis] - 2 * radius - 1), axis=axis)
+    img = (hi - lo) / (2 * radius + 1)
+  return img
+
+
 def _check_count(name, value, minimum=0):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -732,14 +744,22 @@ def _color_pairs() -> tuple[tuple[str, str], ...]:
 class World:
   """Deterministic subjects, captions and renders for one world seed and image size."""
 
-  def __init__(self, seed: int = 0, image_size: int = 32):
+  def __init__(self, seed: int = 0, image_size: int = 32, background_blur: float = 0.0):
+    """background_blur: blurs the scene (not the subject) by about this many output pixels,
+    which leaves each scene its colours and horizon but no fine texture: an easier world for
+    a small base model (configs/demo.py)."""
     _check_count("seed", seed)
     if (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
         or not _MIN_IMAGE_SIZE <= image_size <= _MAX_IMAGE_SIZE or image_size % 8):
       raise ValueError(f"image_size must be a multiple of 8 in [{_MIN_IMAGE_SIZE}, "
                        f"{_MAX_IMAGE_SIZE}], got {image_size!r}")
+    if (isinstance(background_blur, bool) or not isinstance(background_blur, (int, float))
+        or not 0 <= background_blur <= image_size / 4):
+      raise ValueError(f"background_blur must be in [0, image_size / 4 = {image_size / 4:g}] "
+                       f"output pixels, got {background_blur!r}")
     self.seed = int(seed)
     self.image_size = int(image_size)
+    self._blur_radius = int(round(background_blur * _SUPERSAMPLE))
     hi = self.image_size * _SUPERSAMPLE
     centres = ((np.arange(hi) + 0.5) / hi).astype(np.float32)
     self._u, self._v = centres[None, :], centres[:, None]
@@ -829,6 +849,8 @@ class World:
     u, v = self._u, self._v
     img = _BACKGROUND_FNS[scene.background](u, v, np.random.default_rng([seed, 0xB6]), size)
     img = np.broadcast_to(img, (size * f, size * f, 3)).astype(np.float32)
+    if self._blur_radius:
+      img = _blur(img, self._blur_radius)
 
     cx, cy, width = self._layout(seed)
     unit = width / 2  # image fraction per local unit
@@ -959,4 +981,4 @@ class World:
 
 
 def from_config(config) -> World:
-  return World(config.data.world.seed, config.image_size)
+  return World(config.data.world.seed, config.image_size, config.data.world.background_blur)
