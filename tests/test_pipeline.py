@@ -1,7 +1,6 @@
 """The whole pipeline on the tiny config, run the way a user first runs it: the Colab notebook's
 code cells (launch/colab_tpu.ipynb) executed on CPU. Then: complete stages are skipped, the
-report has its tables and grids, the export generates on its own, and the trained models are
-evaluated on a DreamBench-layout folder."""
+report has its tables and grids, and the export generates on its own."""
 import json
 import os
 import pathlib
@@ -11,8 +10,6 @@ import pytest
 
 from suti import config_lib, launch
 from tests.conftest import REPO
-from tests.test_data_sources import make_dreambench
-from tests.test_scoring import real_dirs  # pylint: disable=unused-import  (a fixture)
 
 NOTEBOOK = REPO / "launch" / "colab_tpu.ipynb"
 ALL_STAGES = ["data", "clip", "pretrain", "experts", "apprentice", "evaluate", "export"]
@@ -82,19 +79,6 @@ def test_a_second_launch_skips_every_complete_stage(notebook_run):
   assert not changed, changed
 
 
-def test_export_is_self_contained(notebook_run, tmp_path):
-  # Last in this file: it deletes the apprentice's checkpoints from the shared workdir.
-  import shutil  # pylint: disable=import-outside-toplevel
-  from apprentice import export, generate  # pylint: disable=import-outside-toplevel
-  workdir, ns = notebook_run
-  moved = pathlib.Path(shutil.copytree(export.stage_dir(workdir), tmp_path / "export"))
-  shutil.rmtree(workdir / "apprentice" / "checkpoints")  # nothing of the workdir is needed
-  model, params, frozen = generate.load(moved / "checkpoint")
-  again = generate.generate(model, params, frozen, list(ns["cluster"].images[:4]),
-                            ns["cluster"].prompts[-1], num_images=4, seed=0)
-  np.testing.assert_array_equal(again, ns["images"])
-
-
 def test_the_other_demos_control_gives_each_subject_the_next_subjects_demos(monkeypatch):
   from apprentice import generate as gen  # pylint: disable=import-outside-toplevel
   from suti import evaluate  # pylint: disable=import-outside-toplevel
@@ -128,34 +112,14 @@ def test_the_other_demos_control_gives_each_subject_the_next_subjects_demos(monk
   assert evaluate.demo_gain(table) == {"dino": 0.25, "clip_i": 0.0}
 
 
-def test_evaluate_runs_on_a_dreambench_folder_with_given_scoring_models(notebook_run, tmp_path,
-                                                                         real_dirs):
-  """configs/dreambench.py's path: real photos in DreamBench's layout, pretrained CLIP / DINO
-  given by path (tiny ones in the Hugging Face format here), the trained models of a run."""
+def test_export_is_self_contained(notebook_run, tmp_path):
+  # Last in this file: it deletes the apprentice's checkpoints from the shared workdir.
   import shutil  # pylint: disable=import-outside-toplevel
-  from suti import evaluate, scoring  # pylint: disable=import-outside-toplevel
-  from suti.data import stage as data_stage  # pylint: disable=import-outside-toplevel
-
-  trained, _ = notebook_run
-  workdir = tmp_path / "db"
-  for name in ("pretrain", "apprentice"):
-    shutil.copytree(trained / name, workdir / name)
-  config = config_lib.load_config_file(REPO / "configs" / "tiny.py")
-  config.data.source, config.data.path = "dreambench", str(make_dreambench(tmp_path / "src"))
-  config.clip.path, config.dino.path = (str(d) for d in real_dirs)
-  config.apprentice.num_inference_demos = 3
-  config.evaluate.images_per_prompt = 2
-  config_lib.validate(config)
-  data_stage.run(config, workdir)
-  assert scoring.run(config, workdir)["clip"] == {"path": str(real_dirs[0]), "trained": False}
-  summary = evaluate.run(config, workdir)
-  # backpack (3 usable photos) and dog (5); teapot has 2 and is skipped by the data stage.
-  assert summary["subjects"] == ["backpack", "dog"]
-  assert summary["methods"] == ["base", "experts", "suti", "suti_other_demos", "dream_suti"]
-  for name in summary["methods"]:
-    images = np.load(workdir / "evaluate" / "methods" / f"{name}.npz")
-    # Every prompt of the subject's DreamBench list (object: 3, live: 2), 2 images each.
-    assert [images[f"images_{i}"].shape[0] for i in range(2)] == [6, 4], name
-    row = summary["table"][name]
-    assert all(-1.0 <= row[m] <= 1.0 for m in ("dino", "clip_i", "clip_t", "mdino"))
-  assert set(summary["demo_curve"]) == {"1", "2", "3"} and "demo_gain" in summary
+  from apprentice import export, generate  # pylint: disable=import-outside-toplevel
+  workdir, ns = notebook_run
+  moved = pathlib.Path(shutil.copytree(export.stage_dir(workdir), tmp_path / "export"))
+  shutil.rmtree(workdir / "apprentice" / "checkpoints")  # nothing of the workdir is needed
+  model, params, frozen = generate.load(moved / "checkpoint")
+  again = generate.generate(model, params, frozen, list(ns["cluster"].images[:4]),
+                            ns["cluster"].prompts[-1], num_images=4, seed=0)
+  np.testing.assert_array_equal(again, ns["images"])
