@@ -178,7 +178,8 @@ def run_oracle(config, models, clusters, prompts):
   return images, [0.0] * len(clusters)
 
 
-def methods_to_run(config, num_subjects: int | None = None) -> list[str]:
+def methods_to_run(config, num_subjects: int) -> list[str]:
+  """config.evaluate.methods that apply to this source, config and number of subjects."""
   names = [m.strip() for m in config.evaluate.methods.split(",") if m.strip()]
   unknown = [m for m in names if m not in METHODS]
   if unknown:
@@ -187,7 +188,7 @@ def methods_to_run(config, num_subjects: int | None = None) -> list[str]:
     names = [m for m in names if m != "oracle"]  # real photos have no oracle
   if not config.apprentice.finetune_steps:
     names = [m for m in names if m != "dream_suti"]
-  if min(config.evaluate.num_subjects, num_subjects or 2) < 2:  # no other subject's demos
+  if num_subjects < 2:  # no other subject's demos to give the control
     names = [m for m in names if m != "suti_other_demos"]
   return names
 
