@@ -218,8 +218,11 @@ class Apprentice:
   def loss(self, trainable, frozen, batch, rng):
     """Eq. (5) of SuTI: the denoising loss of y_s given p_s and the demos C_s."""
     cond = self.condition(trainable, frozen, batch)
-    return diffusion.diffusion_loss(self.schedule, self.denoise_fn, trainable["unet"],
-                                    batch["image"], cond, rng, self.prediction)
+    ac = self.config.apprentice
+    return diffusion.diffusion_loss(
+        self.schedule, self.denoise_fn, trainable["unet"], batch["image"], cond, rng,
+        self.prediction, high_noise_fraction=float(ac.high_noise_fraction),
+        high_noise_from=float(ac.high_noise_from), weight_cap=float(ac.loss_weight_cap))
 
 
 NEW_PARAM = re.compile(r"(^|/)demo_(attentions|mlps)_\d+(/|$)|^demo_caption(/|$)")
@@ -236,6 +239,15 @@ def _flatten(tree) -> dict:
 
 def _unflatten(flat: dict) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def trainable_labels(trainable, freeze_base: bool):
+  """'train' / 'frozen' per param (optax.multi_transform): with freeze_base only the new layers
+  train; the base's weights stay exactly as pre-trained."""
+  def label(path, _):
+    name = "/".join(str(getattr(key, "key", key)) for key in path)
+    return "train" if not freeze_base or is_new_param(name) else "frozen"
+  return jax.tree_util.tree_map_with_path(label, trainable)
 
 
 def new_param_count(trainable) -> int:

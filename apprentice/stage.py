@@ -19,10 +19,11 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 from apprentice import data as data_lib
 from apprentice import generate as generate_lib
-from apprentice.model import Apprentice, level_channels, new_param_count
+from apprentice.model import Apprentice, level_channels, new_param_count, trainable_labels
 from experts import stage as experts_stage
 from suti import checkpoint as checkpoint_lib
 from suti import files
@@ -49,6 +50,16 @@ def buffer_threshold(config) -> float | None:
   """None: the experts' own verdicts; a float: lambda re-applied over every scored sample."""
   threshold = float(config.apprentice.delta_clip_threshold)
   return None if threshold < 0 else threshold
+
+
+def make_optimizer(ac, trainable) -> optax.GradientTransformation:
+  """config.apprentice's optimizer; with freeze_base the base's params get no updates (and no
+  optimizer state)."""
+  tx = train_lib.make_optimizer(ac.optimizer, ac.learning_rate, ac.warmup_steps)
+  if not ac.freeze_base:
+    return tx
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               trainable_labels(trainable, True))
 
 
 def held_out_examples(config, workdir, count: int) -> list[dict]:
@@ -113,7 +124,7 @@ def _train(config, workdir, out, ckpt, summary_path) -> dict:
   _, base_trainable, frozen = pretrain.load_base(config, workdir, model=model.base)
   trainable = model.init_from_base(base_trainable, jax.random.PRNGKey(config.seed + 2))
   del base_trainable
-  tx = train_lib.make_optimizer(ac.optimizer, ac.learning_rate, ac.warmup_steps)
+  tx = make_optimizer(ac, trainable)
   opt_state = tx.init(trainable)
   transform = data_lib.make_example(model, ac.num_train_demos, ac.text_dropout,
                                     ac.demo_dropout, config.image_size)
@@ -176,7 +187,7 @@ def plan_rows(config, ctx) -> list:
   base_model, _, _ = plan.abstract_model(config)
   model = Apprentice(config, text_encoder=base_model.text)
   trainable, frozen = model.abstract_init()
-  tx = train_lib.make_optimizer(ac.optimizer, ac.learning_rate, ac.warmup_steps)
+  tx = make_optimizer(ac, trainable)
   batch = ctx.per_device(ac.batch_size)
   n, te = ac.num_train_demos, config.model.text_encoder
   size = config.image_size

@@ -184,6 +184,18 @@ def base_config() -> ml_collections.ConfigDict:
   # paper config's apprentice has ~430M new params (~2.55B in all), as SuTI's 2.5B.
   c.apprentice.demo_mlp_ratio = 2
   c.apprentice.warmup_steps = 0
+  # Departures from the paper for small, short runs (defaults: the paper's recipe). Knowing the
+  # subject mostly helps at high noise, where the plain eps loss is tiny, so the demo layers'
+  # gradient drowns in low-noise detail (RESULTS, issue 7):
+  # - this fraction of each batch draws t from [high_noise_from * T, T) instead of [0, T);
+  # - each example's loss is weighted min(1 / alpha_bar_t, loss_weight_cap) (1: w_t = 1;
+  #   uncapped it is the v-prediction loss);
+  # - freeze_base trains only the new demo layers (as Flamingo freezes its language model),
+  #   so noisy pseudo-targets cannot degrade the base's drawing.
+  c.apprentice.high_noise_fraction = 0.0
+  c.apprentice.high_noise_from = 0.5
+  c.apprentice.loss_weight_cap = 1.0
+  c.apprentice.freeze_base = False
   # Generation: DDPM as in the paper. guidance_mode 'joint' guides text and demos together
   # with `guidance`; 'text_first' / 'image_first' guide them separately (JeDi's image
   # guidance) with text_guidance and demo_guidance.
@@ -355,6 +367,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not 0 <= config.apprentice.demo_timestep < config.diffusion.timesteps:
     raise ConfigError(f"apprentice.demo_timestep must be in [0, diffusion.timesteps), got "
                       f"{config.apprentice.demo_timestep!r}")
+  if not 0.0 <= config.apprentice.high_noise_fraction <= 1.0:
+    raise ConfigError(f"apprentice.high_noise_fraction must be in [0, 1], got "
+                      f"{config.apprentice.high_noise_fraction!r}")
+  if not 0.0 <= config.apprentice.high_noise_from < 1.0:
+    raise ConfigError(f"apprentice.high_noise_from must be in [0, 1), got "
+                      f"{config.apprentice.high_noise_from!r}")
+  if not config.apprentice.loss_weight_cap >= 1.0:
+    raise ConfigError(f"apprentice.loss_weight_cap must be >= 1 (1: the plain loss), got "
+                      f"{config.apprentice.loss_weight_cap!r}")
   if config.apprentice.num_train_demos > config.data.min_demos:
     raise ConfigError(f"apprentice.num_train_demos ({config.apprentice.num_train_demos}) must "
                       f"be <= data.min_demos ({config.data.min_demos}): every subject must "

@@ -196,15 +196,28 @@ def loss_at(schedule: Schedule, denoise_fn: DenoiseFn, params, x0, cond, t, nois
 
 
 def diffusion_loss(schedule: Schedule, denoise_fn: DenoiseFn, params, x0, cond, rng,
-                   prediction: str = "eps", reduce: bool = True):
+                   prediction: str = "eps", reduce: bool = True, *,
+                   high_noise_fraction: float = 0.0, high_noise_from: float = 0.5,
+                   weight_cap: float = 1.0):
   """Denoising loss with t ~ U[0, T) and noise ~ N(0, I); the batch mean, or [B] if not reduce.
 
   Pure in (params, x0, cond, rng): compose with jax.grad, and jax.vmap over a pack of experts.
+  The defaults are SuTI's / Imagen's loss. The first round(high_noise_fraction * B) examples
+  draw t from [high_noise_from * T, T) instead; weight_cap > 1 weights each example by
+  min(1 / alpha_bar_t, weight_cap) (for an eps model, uncapped, that is the v loss).
   """
   t_rng, n_rng = jax.random.split(rng)
-  t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_steps)
+  batch, steps = x0.shape[0], schedule.num_steps
+  t = jax.random.randint(t_rng, (batch,), 0, steps)
+  num_high = int(round(high_noise_fraction * batch))
+  if num_high:
+    high = jax.random.randint(jax.random.fold_in(rng, 1), (batch,),
+                              int(high_noise_from * steps), steps)
+    t = jnp.where(jnp.arange(batch) < num_high, high, t)
   noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
   losses = loss_at(schedule, denoise_fn, params, x0, cond, t, noise, prediction)
+  if weight_cap > 1.0:
+    losses = losses * jnp.minimum(1.0 / schedule.alphas_cumprod[t], weight_cap)
   return jnp.mean(losses) if reduce else losses
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from apprentice import data as data_lib
 from apprentice import generate as gen
 from apprentice import stage
-from apprentice.model import Apprentice, new_param_count
+from apprentice.model import Apprentice, is_new_param, new_param_count
 from experts import buffer as buffer_lib
 from experts import stage as experts_stage
 from suti import checkpoint, config_lib, diffusion, plan, pretrain, train_lib
@@ -338,6 +339,32 @@ def test_training_loss_decreases_and_outputs_exist(trained):
   # The whole buffer was seen: 8 subjects x 2 unseen prompts.
   assert summary["buffer_records_seen"] == 16
   assert stage.run(config, workdir) == summary  # complete: skipped
+
+
+def test_freeze_base_trains_only_the_new_layers(base_workdir, tmp_path):
+  """freeze_base (with the high-noise loss options of configs/demo.py): every base weight is
+  bit-identical to the checkpoint's, every new layer's kernel has moved."""
+  config = _config(num_steps=3, checkpoint_every=3, learning_rate=3e-3, freeze_base=True,
+                   high_noise_fraction=0.5, loss_weight_cap=20.0)
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  for name in ("data", "experts"):
+    os.symlink(base_workdir / name, workdir / name)
+  # A 'trained' base: a fresh init's zero output layers would pass no gradient to the new ones.
+  base_params, _ = TextToImage(config).init(jax.random.PRNGKey(0))
+  with checkpoint.Checkpoints(pretrain.base_checkpoint_dir(config, workdir)) as ckpt:
+    ckpt.save(config.pretrain.num_steps, params=_perturbed(base_params, 1), config=config)
+  summary = stage.run(config, workdir)
+  assert summary["steps"] == 3
+  model = Apprentice(config)
+  _, base_params, _ = pretrain.load_base(config, workdir, model=model.base)
+  start = model.init_from_base(base_params, jax.random.PRNGKey(config.seed + 2))
+  _, params, _ = gen.load(stage.checkpoint_dir(workdir))
+  flat_start, flat = (traverse_util.flatten_dict(p, sep="/") for p in (start, params))
+  moved = {k for k in flat if not np.array_equal(np.asarray(flat[k]), np.asarray(flat_start[k]))}
+  new = {k for k in flat if is_new_param(k)}
+  assert moved and moved <= new, sorted(moved - new)[:3]
+  assert all(k in moved for k in new if k.endswith("out/kernel"))
 
 
 def test_resume_after_a_kill_gives_the_same_params(trained, base_workdir, tmp_path, monkeypatch):

@@ -163,6 +163,25 @@ def test_loss_oracle_is_zero(sched, prediction):
   assert per_example.shape == (64,)
 
 
+def test_loss_high_noise_fraction_and_weight_cap(sched):
+  """The apprentice's options: a share of the batch at high noise; min(1/alpha_bar, cap)."""
+  x_star = _x_star()
+  x0 = jnp.broadcast_to(x_star, (64,) + x_star.shape)
+  perturbed = lambda p, x, t, c: DENOISERS["eps"](p, x, t, c) + 0.1  # loss 0.01 at every t
+  params, rng = _data(sched, x_star), jax.random.PRNGKey(5)
+  loss = lambda **kw: np.asarray(diffusion.diffusion_loss(
+      sched, perturbed, params, x0, _ones(64), rng, "eps", reduce=False, **kw)) / 0.01
+  np.testing.assert_allclose(loss(), 1.0, rtol=1e-3)  # the defaults: w_t = 1
+  weights = loss(high_noise_fraction=0.5, high_noise_from=0.9, weight_cap=1e9)
+  floor = 1.0 / float(sched.alphas_cumprod[int(0.9 * sched.num_steps)])
+  assert np.all(weights[:32] >= 0.99 * floor)  # t in [0.9 T, T)
+  assert np.sum(weights[32:] < 0.99 * floor) > 16  # t in [0, T) as before
+  capped = loss(high_noise_fraction=0.5, high_noise_from=0.9, weight_cap=4.0)
+  assert np.all(capped[:32] > 3.99) and np.all((capped >= 0.999) & (capped <= 4.001))
+  # The rest of the batch draws the plain loss's t: earlier results stay reproducible.
+  np.testing.assert_allclose(weights[32:], loss(weight_cap=1e9)[32:], rtol=1e-5)
+
+
 def test_loss_grad_and_vmap_over_experts(sched):
   """A pack of experts (stacked params) trains with vmap(grad(loss))."""
   def denoise(params, x_t, t, cond):

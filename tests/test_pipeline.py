@@ -1,6 +1,7 @@
 """The whole pipeline on the tiny config, run the way a user first runs it: the Colab notebook's
 code cells (launch/colab_tpu.ipynb) executed on CPU. Then: complete stages are skipped, the
-report has its tables and grids, and the export generates on its own."""
+report has its tables and grids, the trained models are evaluated on a DreamBench-layout
+folder, and the export generates on its own."""
 import json
 import os
 import pathlib
@@ -10,6 +11,8 @@ import pytest
 
 from suti import config_lib, launch
 from tests.conftest import REPO
+from tests.test_data_sources import make_dreambench
+from tests.test_scoring import real_dirs  # pylint: disable=unused-import  (a fixture)
 
 NOTEBOOK = REPO / "launch" / "colab_tpu.ipynb"
 ALL_STAGES = ["data", "clip", "pretrain", "experts", "apprentice", "evaluate", "export"]
@@ -110,6 +113,40 @@ def test_the_other_demos_control_gives_each_subject_the_next_subjects_demos(monk
   table = {"suti": {"dino": 0.5, "clip_i": 0.25}, "suti_other_demos": {"dino": 0.25,
                                                                       "clip_i": 0.25}}
   assert evaluate.demo_gain(table) == {"dino": 0.25, "clip_i": 0.0}
+
+
+def test_evaluate_runs_on_a_dreambench_folder_with_given_scoring_models(notebook_run, tmp_path,
+                                                                         real_dirs):
+  """configs/dreambench.py's path: real photos in DreamBench's layout, pretrained CLIP / DINO
+  given by path (tiny ones in the Hugging Face format here), the trained models of a run."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from suti import evaluate, scoring  # pylint: disable=import-outside-toplevel
+  from suti.data import stage as data_stage  # pylint: disable=import-outside-toplevel
+
+  trained, _ = notebook_run
+  workdir = tmp_path / "db"
+  for name in ("pretrain", "apprentice"):
+    shutil.copytree(trained / name, workdir / name)
+  config = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+  config.data.source, config.data.path = "dreambench", str(make_dreambench(tmp_path / "src"))
+  config.clip.path, config.dino.path = (str(d) for d in real_dirs)
+  config.apprentice.num_inference_demos = 3
+  config.evaluate.images_per_prompt = 2
+  config_lib.validate(config)
+  data_stage.run(config, workdir)
+  assert scoring.run(config, workdir)["clip"] == {"path": str(real_dirs[0]), "trained": False}
+  summary = evaluate.run(config, workdir)
+  # backpack (3 usable photos) and dog (5); teapot has 2 and is skipped by the data stage.
+  assert summary["subjects"] == ["backpack", "dog"]
+  assert summary["methods"] == ["base", "experts", "suti", "suti_other_demos", "dream_suti"]
+  for name in summary["methods"]:
+    images = np.load(workdir / "evaluate" / "methods" / f"{name}.npz")
+    # Every prompt of the subject's DreamBench list (object: 3, live: 2), 2 images each.
+    assert [images[f"images_{i}"].shape[0] for i in range(2)] == [6, 4], name
+    row = summary["table"][name]
+    assert all(-1.0 <= row[m] <= 1.0 for m in ("dino", "clip_i", "clip_t"))
+    assert "mdino" not in row and "mclip_i" not in row  # photos come without subject masks
+  assert set(summary["demo_curve"]) == {"1", "2", "3"} and "demo_gain" in summary
 
 
 def test_export_is_self_contained(notebook_run, tmp_path):
