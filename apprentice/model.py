@@ -241,12 +241,11 @@ def _unflatten(flat: dict) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def trainable_labels(trainable, freeze_base: bool):
-  """'train' / 'frozen' per param (optax.multi_transform): with freeze_base only the new layers
-  train; the base's weights stay exactly as pre-trained."""
+def new_layer_labels(trainable):
+  """'train' for the layers the apprentice adds, 'frozen' for the base's (optax.multi_transform
+  labels: with apprentice.freeze_base the base's weights stay exactly as pre-trained)."""
   def label(path, _):
-    name = "/".join(str(getattr(key, "key", key)) for key in path)
-    return "train" if not freeze_base or is_new_param(name) else "frozen"
+    return "train" if is_new_param("/".join(str(getattr(k, "key", k)) for k in path)) else "frozen"
   return jax.tree_util.tree_map_with_path(label, trainable)
 
 

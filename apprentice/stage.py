@@ -23,7 +23,7 @@ import optax
 
 from apprentice import data as data_lib
 from apprentice import generate as generate_lib
-from apprentice.model import Apprentice, level_channels, new_param_count, trainable_labels
+from apprentice.model import Apprentice, level_channels, new_layer_labels, new_param_count
 from experts import stage as experts_stage
 from suti import checkpoint as checkpoint_lib
 from suti import files
@@ -59,7 +59,7 @@ def make_optimizer(ac, trainable) -> optax.GradientTransformation:
   if not ac.freeze_base:
     return tx
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               trainable_labels(trainable, True))
+                               new_layer_labels(trainable))
 
 
 def held_out_examples(config, workdir, count: int) -> list[dict]:

@@ -35,7 +35,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
 from apprentice import data as data_lib  # pylint: disable=wrong-import-position
-from apprentice.model import Apprentice, trainable_labels  # pylint: disable=wrong-import-position
+from apprentice.model import Apprentice, new_layer_labels  # pylint: disable=wrong-import-position
 from bench_pretrain import load_config  # pylint: disable=wrong-import-position
 from suti import config_lib, diffusion, pretrain, train_lib  # pylint: disable=wrong-import-position
 from suti.data import pipeline  # pylint: disable=wrong-import-position
@@ -115,7 +115,7 @@ def main():
   base_scale = 0.0 if ac.freeze_base else args.lr_base_scale
   tx = optax.multi_transform(
       {"train": optimizer(args.lr_new_scale), "frozen": optimizer(base_scale)},
-      trainable_labels(trainable, freeze_base=True))  # 'train': the new layers
+      new_layer_labels(trainable))
   opt_state = tx.init(trainable)
   step_fn = jax.jit(pretrain.make_train_step(model, tx, config.seed), donate_argnums=(0, 1))
 

@@ -287,8 +287,8 @@ def run(config, workdir) -> dict:
       imgs, seconds = _cached(path, lambda: run_suti(config, models, clusters, prompts,
                                                      num_demos=n))
       row = score(imgs, prompts, clusters, clip, dino, ev.images_per_prompt)
-      curve[str(n)] = {k: row[k] for k in ("dino", "clip_i", "clip_t") if k in row}
-      curve[str(n)]["seconds_per_subject"] = float(np.mean(seconds))
+      curve[str(n)] = dict({k: row[k] for k in ("dino", "clip_i", "clip_t") if k in row},
+                           seconds_per_subject=float(np.mean(seconds)))
 
   tiles, columns = grid(clusters, images, config.apprentice.num_inference_demos)
   train_lib.save_grid(out / "grid.png", tiles, columns=columns)
