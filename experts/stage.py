@@ -124,12 +124,17 @@ def run(config, workdir) -> dict:
   out = stage_dir(workdir)
   ec = config.experts
   summary_path = out / "summary.json"
-  if summary_path.exists():
-    log.info("experts: complete (%s); skipping", summary_path)
-    return json.loads(summary_path.read_text())
-
   clusters = list(pipeline.ClusterSource(workdir / "data", "train"))
   rounds, skipped = plan_rounds(clusters, ec.num_experts, ec.min_demos, ec.num_rounds)
+  if summary_path.exists():
+    summary = json.loads(summary_path.read_text())
+    if summary.get("rounds", 0) >= len(rounds):
+      log.info("experts: complete (%s); skipping", summary_path)
+      return summary
+    # A config with more rounds than the finished run (experts.num_rounds raised): go on
+    # from the committed buffer rather than stop at the old summary.
+    log.info("experts: %s covers %d rounds, this config makes %d; continuing", summary_path,
+             summary.get("rounds", 0), len(rounds))
   if skipped:
     log.warning("experts: %d subjects have fewer than %d images and are skipped: %s",
                 len(skipped), ec.min_demos, ", ".join(skipped[:10]))

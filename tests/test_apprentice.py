@@ -342,8 +342,8 @@ def test_training_loss_decreases_and_outputs_exist(trained):
 
 
 def test_freeze_base_trains_only_the_new_layers(base_workdir, tmp_path):
-  """freeze_base (with the high-noise loss options of configs/demo.py): every base weight is
-  bit-identical to the checkpoint's, every new layer's kernel has moved."""
+  """freeze_base (as configs/demo.py, here with the probe's high-noise loss options): every base
+  weight is bit-identical to the checkpoint's, every new layer's kernel has moved."""
   config = _config(num_steps=3, checkpoint_every=3, learning_rate=3e-3, freeze_base=True,
                    high_noise_fraction=0.5, loss_weight_cap=20.0)
   workdir = tmp_path / "w"

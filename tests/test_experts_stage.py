@@ -196,3 +196,23 @@ def test_two_hosts_write_one_buffer_like_one_host(base_workdir, straight_run, tm
   for a, b in zip(straight, two_hosts):
     assert np.abs(a["image"].astype(int) - b["image"]).max() <= 2
     assert abs(a["delta"] - b["delta"]) < 0.02
+
+
+def test_raising_num_rounds_continues_a_finished_run(base_workdir, straight_run, tmp_path):
+  """A finished run is complete only for its own number of rounds: a config asking for more
+  goes on from the committed buffer, and makes what an uninterrupted run makes."""
+  workdir = _workdir_from(base_workdir, tmp_path / "w")
+  config = _config()
+  config.experts.num_rounds = 1
+  assert stage.run(config, workdir)["rounds"] == 1
+  assert stage.run(config, workdir)["rounds"] == 1  # complete for this config: skipped
+  config.experts.num_rounds = 2
+  summary = stage.run(config, workdir)
+  assert summary["rounds"] == 2
+  assert buffer_lib.BufferWriter(stage.buffer_dir(workdir)).next_round() == 2
+  straight = [r for r in _all_records(straight_run[0]) if r["round"] < 2]
+  continued = _all_records(workdir)
+  assert summary["samples"] == len(continued) == len(straight)
+  for a, b in zip(straight, continued):
+    assert (a["subject_id"], a["prompt"], a["delta"]) == (b["subject_id"], b["prompt"],
+                                                           b["delta"])
