@@ -1,7 +1,7 @@
 """Bench: the demo's pipeline with 3x the experts and apprentice steps, for evaluate's table.
 
-`python -m suti.launch --config=configs/bench.py` (about 35 minutes on a 2-core CPU): the same
-16x16 world, base model and recipe as configs/demo.py, with 6 rounds of 16 experts instead
+`python -m suti.launch --config=configs/bench.py` (28.5 minutes on a 2-core CPU, cold): the
+same 16x16 world, base model and recipe as configs/demo.py, with 6 rounds of 16 experts instead
 of 2 (a buffer of ~600 admitted pseudo-targets from 96 subjects instead of ~200 from 32), the
 apprentice trained 1500 steps instead of 500, and evaluation on all 16 held-out subjects.
 On the demo's base, this is what lifts the apprentice from the base's DINO to above the
