@@ -14,7 +14,7 @@ Where the demo departs from the paper, it is for a 1.4M-parameter base trained f
 - experts learn at 1e-3 (paper 1e-5 for 500 steps): at 1e-4, 100 steps leave the subject's
   colours out of the samples;
 - the apprentice trains only its new demo layers (apprentice.freeze_base), at 2e-3, with
-  the demo attention at 8x8: at 4x4 it cannot learn even to copy a demo;
+  the demo attention at 16x16 and 8x8: at 4x4 it cannot learn even to copy a demo;
 - guidance 2, not 30 / 15, and DDIM-40 sampling: this base sampled at 30 gives noise;
 - lambda -0.5 on the world CLIP's scale, scenes without fine texture (background_blur).
 """
@@ -33,9 +33,10 @@ def get_config(arg=None):
   # Attention sits at fixed fractions of the image, so :32 and :64 are the same network.
   c.model.attention_resolutions = (c.image_size // 4,)
   c.model.cross_attention_resolutions = (c.image_size // 2, c.image_size // 4)
-  # The demo attention at half the image size: at a quarter (4x4 at 16x16) it cannot even
-  # learn to copy a demo (RESULTS, issue 7, the demo-gain probe).
-  c.apprentice.demo_attention_resolutions = (c.image_size // 2,)
+  # The demo attention at the image's full and half size. At a quarter (4x4 at 16x16) it
+  # cannot even learn to copy a demo; at half alone the apprentice read its demos weakly
+  # (demo gain DINO 0.12); adding full size took it to 0.33 (RESULTS, issue 7).
+  c.apprentice.demo_attention_resolutions = (c.image_size, c.image_size // 2)
   # v-prediction: an eps model trained for minutes samples speckle over the whole image;
   # a v model draws clean scenes, and its experts then carry their subject's colours
   # (RESULTS, issue 7: base DINO 0.265 -> 0.447, experts 0.296 -> 0.618).
@@ -54,13 +55,13 @@ def get_config(arg=None):
 
   # Scoring models (stage `clip`): 8x8 patches a side at any size. ~2 minutes at 16x16.
   c.clip.patch_size = c.dino.patch_size = c.image_size // 8
-  c.clip.num_steps = 300
+  c.clip.num_steps = 250
   c.clip.learning_rate = 2e-3
-  c.dino.num_steps = 150
+  c.dino.num_steps = 125
 
-  # Base: ~90-140 images/s at 16x16 on 2 cores; 1100 x 32 (35k images, ~6 min) draws the
+  # Base: ~90-140 images/s at 16x16 on 2 cores; 900 x 32 (29k images, ~5 min) draws the
   # prompt's scene and a coloured blob where the subject goes.
-  c.pretrain.num_steps = 1100
+  c.pretrain.num_steps = 900
   c.pretrain.batch_size = 32
   c.pretrain.learning_rate = 1e-3
   c.pretrain.warmup_steps = 50
@@ -69,9 +70,12 @@ def get_config(arg=None):
   c.pretrain.sample_every = 500
   c.pretrain.sample_guidance = 2.0
 
-  # Experts: 16 packed in one step, 2 rounds, each sampling all 4 of its unseen prompts twice.
-  c.experts.num_experts = 16
-  c.experts.num_rounds = 2
+  # Experts: 8 packed in one step, 4 rounds, each sampling all 4 of its unseen prompts twice.
+  # 8, not 16: on CPU the packed step's compile grows with the pack (first round, cold: 167 s
+  # at 8, 237 s at 16), and evaluate's 8 held-out subjects fill one pack of the same shape,
+  # so evaluate reuses the experts' compiled step (its experts: 24.2 -> 6.1 s a subject).
+  c.experts.num_experts = 8
+  c.experts.num_rounds = 4
   c.experts.num_steps = 80
   c.experts.learning_rate = 1e-3
   c.experts.prompts_per_subject = 4
@@ -86,7 +90,7 @@ def get_config(arg=None):
 
   # Only the new demo layers train (freeze_base), at 2e-3: training the whole UNet on 200-odd
   # soft pseudo-targets at 5e-4 drew worse scenes than the base (RESULTS, issue 7).
-  c.apprentice.num_steps = 500
+  c.apprentice.num_steps = 400
   c.apprentice.batch_size = 8
   c.apprentice.freeze_base = True
   c.apprentice.learning_rate = 2e-3
@@ -98,7 +102,7 @@ def get_config(arg=None):
   c.apprentice.guidance = 2.0
   c.apprentice.log_every = 25
   c.apprentice.checkpoint_every = 200
-  c.apprentice.sample_every = 300
+  c.apprentice.sample_every = 400
 
   # Evaluation: every method samples DDIM-40; 8 held-out subjects, 2 prompts each.
   c.evaluate.sampler = "ddim"

@@ -32,6 +32,12 @@ class TextToImage:
     # Eager encoding would compile every op on its own (seconds on CPU); jit it once.
     self._encode_jit = jax.jit(self.encode)
 
+  def signature(self) -> tuple:
+    """What this model's traced programs depend on (params are arguments, not part of it):
+    two models with equal signatures can share compiled functions."""
+    c = self.config
+    return (type(self).__name__, c.image_size, c.model.to_json(), c.diffusion.to_json())
+
   # ------------------------------------------------------------------------------ params
   def init(self, rng) -> tuple[dict, dict]:
     """Fresh (trainable, frozen) params."""

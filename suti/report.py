@@ -12,7 +12,8 @@ import pathlib
 # Per stage: the summary keys worth a column in the terminal (when present).
 HEADLINES = {
     "data": ("subjects", "images"),
-    "clip": ("retrieval_top1", "dino_auc"),
+    # Stage clip trains two scorers; its summary nests them: {'clip': {...}, 'dino': {...}}.
+    "clip": ("clip.retrieval_top1", "clip.identity_auc", "dino.auc"),
     "pretrain": ("steps", "final_loss", "images_per_second"),
     "plan": ("rows",),
     "experts": ("rounds", "samples", "admitted", "acceptance_rate"),
@@ -36,10 +37,19 @@ def stage_rows(summary: dict) -> list[tuple[str, str, str]]:
   for stage, result in summary.items():
     if not isinstance(result, dict):
       continue
-    keys = [k for k in HEADLINES.get(stage, ()) if k in result]
+    values = {k: v for k in HEADLINES.get(stage, ()) if (v := _lookup(result, k)) is not None}
     rows.append((stage, _fmt(result.get("seconds", "")),
-                 "  ".join(f"{k}={_fmt(result[k])}" for k in keys)))
+                 "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())))
   return rows
+
+
+def _lookup(result: dict, dotted: str):
+  """result['a']['b'] for 'a.b'; None where any part is missing."""
+  for part in dotted.split("."):
+    if not isinstance(result, dict) or part not in result:
+      return None
+    result = result[part]
+  return result
 
 
 def terminal_table(summary: dict) -> str:
@@ -83,7 +93,7 @@ def write_report(workdir, summary: dict) -> pathlib.Path:
       lines += ["", "What the subject's own demos add over another subject's (suti minus "
                 "suti_other_demos): " + ", ".join(f"{k.upper().replace('_', '-')} {v:+.3f}"
                                                  for k, v in gain.items())
-                + ". Near zero: the apprentice is not reading its demos."]
+                + ". (Near zero would mean the apprentice ignores its demos.)"]
     if evaluation.get("demo_curve"):
       lines += ["", "SuTI over the number of demos:", "", "| demos | DINO | CLIP-I | CLIP-T |",
                 "|---:|---:|---:|---:|"]

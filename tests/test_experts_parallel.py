@@ -295,6 +295,16 @@ def test_split_convolutions_match_grouped_and_restore_the_rule():
   assert table[prim] is rule
 
 
+def test_round_functions_are_shared_by_models_of_one_config():
+  """evaluate loads its own base model; its experts must not recompile the experts' step."""
+  config = load_config("tiny")
+  first = parallel.round_functions(config, TextToImage(config))
+  assert parallel.round_functions(config, TextToImage(config)) is first
+  other = load_config("tiny")
+  other.model.channels = 8
+  assert parallel.round_functions(other, TextToImage(other)) is not first
+
+
 # ------------------------------------------------------------------------- plan
 
 def test_plan_rows_are_abstract_and_registered():

@@ -61,6 +61,9 @@ def test_report_has_the_table_and_grids(notebook_run):
   report = (workdir / "report.md").read_text()
   assert "| method | DINO | CLIP-I | CLIP-T | MDINO | MCLIP-I | s/subject |" in report
   assert "| dream_suti |" in report and "SuTI over the number of demos" in report
+  # Stage clip's summary nests its two scorers; their headlines reach the stage table.
+  clip_row = next(line for line in report.splitlines() if line.startswith("| clip |"))
+  assert "clip.identity_auc=" in clip_row and "dino.auc=" in clip_row, clip_row
   images = [line.split("](")[1].rstrip(")") for line in report.splitlines()
             if line.startswith("![")]
   assert "evaluate/grid.png" in images and len(images) == 4
