@@ -29,6 +29,9 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["suti", "suti.*", "experts", "experts.*",
                                                "apprentice", "apprentice.*"]),
+    # The shipped base model(s) of the embedded world (suti/assets/NAME/: base.json, a checkpoint).
+    package_data={"suti": ["assets/*/*.json", "assets/*/*/*", "assets/*/*/*/*",
+                           "assets/*/*/*/*/*", "assets/*/*/*/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
 )

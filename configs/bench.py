@@ -17,6 +17,7 @@ from suti import config_lib
 
 def get_config(arg=None):
   c = config_lib.load_config_file(pathlib.Path(__file__).with_name("demo.py"), arg)
+  c.pretrain.base_checkpoint = ""  # the bench pre-trains its own base, 1100 steps
   c.pretrain.num_steps = 1100
   c.clip.num_steps = 300
   c.dino.num_steps = 150

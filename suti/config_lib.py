@@ -131,7 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dino.patch_size = 4
 
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.base_checkpoint = ""  # an existing base checkpoint: skip training
+  # An existing base checkpoint (a path, or 'embedded:NAME' for one shipped in suti/assets/):
+  # the pretrain stage then trains nothing.
+  c.pretrain.base_checkpoint = ""
   c.pretrain.num_steps = 1000
   c.pretrain.batch_size = 16
   c.pretrain.optimizer = "adam"

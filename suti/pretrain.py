@@ -20,6 +20,7 @@ from suti import checkpoint as checkpoint_lib
 from suti import files
 from suti import mesh as mesh_lib
 from suti import train_lib
+from suti.config_lib import InputError
 from suti.data import pipeline
 from suti.model import TextToImage
 from suti.nn.unet import count_params
@@ -31,11 +32,65 @@ def stage_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / "pretrain"
 
 
+# pretrain.base_checkpoint 'embedded:NAME' is a base shipped in the package (suti/assets/NAME,
+# with PROVENANCE_FILE saying how it was made), as the paper starts from a pre-trained Imagen.
+EMBEDDED_PREFIX = "embedded:"
+ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
+PROVENANCE_FILE = "base.json"
+
+
+def resolve_base_checkpoint(value: str) -> pathlib.Path:
+  """A pretrain.base_checkpoint value -> its directory ('embedded:NAME' or a path)."""
+  if not value.startswith(EMBEDDED_PREFIX):
+    return pathlib.Path(value)
+  name = value[len(EMBEDDED_PREFIX):]
+  path = ASSETS_DIR / name
+  if not name or not (path / PROVENANCE_FILE).is_file():
+    known = sorted(p.name for p in ASSETS_DIR.glob("*") if (p / PROVENANCE_FILE).is_file())
+    raise InputError(f"pretrain.base_checkpoint {value!r}: no embedded base {name!r} in "
+                     f"{ASSETS_DIR}; embedded bases: {known}")
+  return path
+
+
 def base_checkpoint_dir(config, workdir) -> pathlib.Path:
   """Where the base model lives: the configured checkpoint, else this workdir's pretrain."""
   if config.pretrain.base_checkpoint:
-    return pathlib.Path(config.pretrain.base_checkpoint)
+    return resolve_base_checkpoint(config.pretrain.base_checkpoint)
   return stage_dir(workdir) / "checkpoints"
+
+
+# The config sections a base checkpoint's weights are tied to: made with other values, the
+# weights do not fit this model or mean something else (another noise schedule or target).
+BASE_FIELDS = ("image_size", "model", "diffusion")
+# ... except these run-time settings, which may differ from the pre-training run's.
+RUNTIME_FIELDS = ("model.dropout", "model.dtype", "model.text_encoder.path",
+                  "diffusion.dynamic_threshold_percentile")
+
+
+def _first_difference(saved, current, path: str) -> str | None:
+  if path in RUNTIME_FIELDS:
+    return None
+  if isinstance(saved, dict) and isinstance(current, dict):
+    for key in sorted(saved):  # keys the checkpoint lacks came after it: nothing to compare
+      found = _first_difference(saved[key], current.get(key), f"{path}.{key}")
+      if found:
+        return found
+    return None
+  return None if saved == current else f"{path}: checkpoint {saved!r}, config {current!r}"
+
+
+def check_base_config(saved: dict | None, config, directory) -> None:
+  """Raises InputError naming the first field where the checkpoint's config differs."""
+  if saved is None:
+    return  # a checkpoint saved without its config: nothing to compare
+  for field in BASE_FIELDS:
+    value = config[field]
+    current = json.loads(value.to_json()) if hasattr(value, "to_json") else value
+    found = _first_difference(saved.get(field), current, field)
+    if found:
+      raise InputError(f"base checkpoint {directory} was made with another model: {found}. "
+                       f"Use a config with the checkpoint's values, or pre-train with "
+                       f"pretrain.base_checkpoint=''")
 
 
 def load_base(config, workdir, model: TextToImage | None = None):
@@ -44,6 +99,8 @@ def load_base(config, workdir, model: TextToImage | None = None):
   directory = base_checkpoint_dir(config, workdir)
   template, _ = model.abstract_init()
   with checkpoint_lib.Checkpoints(directory, read_only=True) as ckpt:
+    if ckpt.latest_step() is not None:
+      check_base_config(ckpt.read_config(), config, directory)
     restored = ckpt.restore(params=template, data_state=False)
   if restored is None:
     raise FileNotFoundError(f"no base model checkpoint in {directory}; run the pretrain stage "
@@ -95,8 +152,12 @@ def run(config, workdir) -> dict:
   pc = config.pretrain
   if pc.base_checkpoint:
     model, trainable, _ = load_base(config, workdir)
-    return {"base_checkpoint": pc.base_checkpoint, "params": count_params(trainable),
-            "trained": False}
+    summary = {"base_checkpoint": pc.base_checkpoint, "params": count_params(trainable),
+               "trained": False}
+    provenance = base_checkpoint_dir(config, workdir) / PROVENANCE_FILE
+    if provenance.is_file():
+      summary["provenance"] = json.loads(provenance.read_text())
+    return summary
   summary_path = out / "summary.json"
   ckpt = checkpoint_lib.Checkpoints.from_config(out / "checkpoints", config)
   if (ckpt.latest_step() or 0) >= pc.num_steps and summary_path.exists():

@@ -14,7 +14,7 @@ HEADLINES = {
     "data": ("subjects", "images"),
     # Stage clip trains two scorers; its summary nests them: {'clip': {...}, 'dino': {...}}.
     "clip": ("clip.retrieval_top1", "clip.identity_auc", "dino.auc"),
-    "pretrain": ("steps", "final_loss", "images_per_second"),
+    "pretrain": ("steps", "final_loss", "images_per_second", "base_checkpoint"),
     "plan": ("rows",),
     "experts": ("rounds", "samples", "admitted", "acceptance_rate"),
     "apprentice": ("steps", "final_loss", "buffer_records_seen"),

@@ -84,6 +84,42 @@ def test_base_checkpoint_is_used_instead_of_training(data_workdir, tmp_path):
     pretrain.load_base(config, other)
 
 
+def test_a_base_from_another_model_is_refused_naming_the_field(data_workdir, tmp_path):
+  trained = _workdir(data_workdir, tmp_path / "trained")
+  pretrain.run(_config(num_steps=2), trained)
+  config = _config()
+  config.pretrain.base_checkpoint = str(trained / "pretrain" / "checkpoints")
+  config.model.dtype = "bfloat16"  # a run-time setting: the same weights fit
+  config.diffusion.dynamic_threshold_percentile = 0.99
+  pretrain.load_base(config, tmp_path)
+  config.diffusion.prediction = "eps" if config.diffusion.prediction == "v" else "v"
+  with pytest.raises(config_lib.InputError, match=r"diffusion\.prediction: checkpoint"):
+    pretrain.load_base(config, tmp_path)
+
+
+def test_the_demo_starts_from_its_embedded_base(tmp_path):
+  """configs/demo.py's shipped base fits its model, says how it was made, and remakes with
+  configs/world_base.py, whose pre-training is the demo's own."""
+  config = load_config("demo")
+  assert config.pretrain.base_checkpoint == "embedded:world_base_16"
+  summary = pretrain.run(config, tmp_path)
+  assert summary["trained"] is False and not (tmp_path / "pretrain").exists()
+  assert summary["params"] == 1396387
+  assert summary["provenance"]["steps"] == config.pretrain.num_steps
+  assert "configs/world_base.py" in summary["provenance"]["made_by"]
+  remake = load_config("world_base")
+  assert remake.pretrain.base_checkpoint == "" and remake.stages == "data,pretrain"
+  assert remake.pretrain.to_dict() == dict(config.pretrain.to_dict(), base_checkpoint="")
+  # Its params are real weights, not an initialisation: the checkpoint's step is the run's.
+  with checkpoint.Checkpoints(pretrain.base_checkpoint_dir(config, tmp_path),
+                              read_only=True) as ckpt:
+    assert ckpt.latest_step() == config.pretrain.num_steps
+  assert load_config("demo", "32").pretrain.base_checkpoint == ""  # none shipped at 32x32
+  config.pretrain.base_checkpoint = "embedded:world_base_99"
+  with pytest.raises(config_lib.InputError, match="embedded bases: \\['world_base_16'\\]"):
+    pretrain.load_base(config, tmp_path)
+
+
 _DATA_PARALLEL = """
 import json, sys
 import jax
