@@ -38,3 +38,26 @@ def test_world_dataset_round_trip(tmp_path):
   eval_specs = {c.spec for c in pipeline.ClusterSource(tmp_path / "data", "eval")}
   assert not {world_lib.Subject.from_json(s).identity() for s in train_specs} & \
       {world_lib.Subject.from_json(s).identity() for s in eval_specs}
+
+
+def test_pairs_are_each_cluster_image_decoded_once(tmp_path, monkeypatch):
+  config = config_lib.validate(load_config("tiny"))
+  builder.build(config, tmp_path / "data")
+  clusters = pipeline.ClusterSource(tmp_path / "data", "train")
+  reads = []
+  read = pipeline.ClusterSource.__getitem__
+  monkeypatch.setattr(pipeline.ClusterSource, "__getitem__",
+                      lambda self, i: reads.append(i) or read(self, i))
+  pairs = pipeline.PairSource(clusters)
+  expected = [(image, caption, s) for s in range(len(clusters))
+              for image, caption in zip(read(clusters, s).images, read(clusters, s).captions)]
+  assert len(pairs) == len(expected)
+  for _ in range(2):  # every pair, twice, in a shuffled order
+    for index in np.random.default_rng(0).permutation(len(pairs)):
+      record = pairs[int(index)]
+      image, caption, subject = expected[index]
+      np.testing.assert_array_equal(record["image"], image)
+      assert (record["caption"], record["subject"]) == (caption, subject)
+  assert sorted(reads) == list(range(len(clusters)))  # each cluster decoded once
+  # The decoded images are shared by every read, so no consumer may write into them.
+  assert not pairs[0]["image"].flags.writeable
