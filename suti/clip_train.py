@@ -182,32 +182,6 @@ def make_transform(tokenizer, max_length, world=None, subjects=()):
   return transform
 
 
-class InMemoryPairs(grain.RandomAccessDataSource):
-  """pipeline.PairSource's records, decoded once.
-
-  PairSource decodes a subject's whole cluster (every image and mask PNG) to return one pair;
-  the world's train split is small (demo: ~300 images, under 1 MB), so decoding it once saves
-  most of the input pipeline's time.
-  """
-
-  def __init__(self, clusters):
-    images, self._captions, subjects = [], [], []
-    self.specs = []  # each cluster's world spec; empty for real photos
-    for index, cluster in enumerate(clusters):
-      images += cluster.images
-      self._captions += cluster.captions
-      subjects += [index] * len(cluster.images)
-      self.specs.append(cluster.spec)
-    self._images, self._subjects = np.stack(images), np.asarray(subjects)
-
-  def __len__(self):
-    return len(self._captions)
-
-  def __getitem__(self, index):
-    return {"image": self._images[index], "caption": self._captions[index],
-            "subject": int(self._subjects[index])}
-
-
 def make_iterator(source, *, batch_size: int, seed: int, random_transform):
   """pipeline.make_iterator's shuffled, repeated, resumable batches, with a short prefetch.
 
@@ -389,14 +363,14 @@ def train_world_clip(config, workdir) -> dict:
     log.warning("clip.max_length=%d truncates the grammar's longest prompts (%d tokens)",
                 cc.max_length, longest)
 
-  pairs = InMemoryPairs(pipeline.ClusterSource(workdir / "data", "train"))
+  pairs = pipeline.PairSource(pipeline.ClusterSource(workdir / "data", "train"))
   world = world_lib.from_config(config)
   # The oracle draws from many more subjects of the world's train split than the dataset
   # holds (see make_transform). Eval subjects are never among them: the world's split
   # partitions identities, so the eval numbers below stay held out. Real photos (no spec):
   # no oracle, plain pairs.
   pool = (world.subjects("train", min(ORACLE_SUBJECTS, world.capacity("train")))
-          if all(pairs.specs) else [])
+          if all(pairs.cluster(i).spec for i in range(pairs.num_subjects)) else [])
   group = 4 if pool else 1
   records = max(1, cc.batch_size // group)  # batch_size counts pairs
   data = make_iterator(pairs, batch_size=records, seed=config.seed,

@@ -99,8 +99,7 @@ def load_base(config, workdir, model: TextToImage | None = None):
   directory = base_checkpoint_dir(config, workdir)
   template, _ = model.abstract_init()
   with checkpoint_lib.Checkpoints(directory, read_only=True) as ckpt:
-    if ckpt.latest_step() is not None:
-      check_base_config(ckpt.read_config(), config, directory)
+    check_base_config(ckpt.read_config(), config, directory)
     restored = ckpt.restore(params=template, data_state=False)
   if restored is None:
     raise FileNotFoundError(f"no base model checkpoint in {directory}; run the pretrain stage "

@@ -97,20 +97,25 @@ class PairSource(grain.RandomAccessDataSource):
     counts = clusters.image_counts()
     self._subject = np.repeat(np.arange(len(counts)), counts)
     self._image = np.concatenate([np.arange(n) for n in counts]) if counts else np.zeros(0, int)
-    self._cluster = functools.lru_cache(maxsize=cache_clusters)(self._decode)
+    self.cluster = functools.lru_cache(maxsize=cache_clusters)(self._decode)
 
   def _decode(self, subject: int) -> SubjectCluster:
+    """Subject index -> its decoded cluster (`cluster(subject)` is this, cached)."""
     cluster = self._clusters[subject]
     for array in (*cluster.images, *cluster.masks):
       array.flags.writeable = False  # shared by every later read: no consumer may edit it
     return cluster
+
+  @property
+  def num_subjects(self) -> int:
+    return len(self._clusters)
 
   def __len__(self) -> int:
     return len(self._subject)
 
   def __getitem__(self, index):
     subject, image = int(self._subject[index]), int(self._image[index])
-    cluster = self._cluster(subject)
+    cluster = self.cluster(subject)
     return {"image": cluster.images[image], "caption": cluster.captions[image],
             "subject": subject}
 
