@@ -48,8 +48,8 @@ def checkpoint_dir(workdir) -> pathlib.Path:
 
 def buffer_threshold(config) -> float | None:
   """None: the experts' own verdicts; a float: lambda re-applied over every scored sample."""
-  threshold = float(config.apprentice.delta_clip_threshold)
-  return None if threshold < 0 else threshold
+  threshold = config.apprentice.delta_clip_threshold
+  return None if threshold is None else float(threshold)
 
 
 def make_optimizer(ac, trainable) -> optax.GradientTransformation:

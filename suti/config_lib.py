@@ -10,6 +10,7 @@ import importlib.util
 import pathlib
 
 import ml_collections
+from ml_collections import config_dict
 
 # Every stage of the pipeline, in the order `suti.launch` runs them.
 PIPELINE_ORDER = ("data", "clip", "pretrain", "plan", "experts", "apprentice", "evaluate",
@@ -209,7 +210,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Training reads the experts' buffer as it grows: it waits this long for enough admitted
   # records, and sees newly committed rounds at each pass over the buffer.
   c.apprentice.buffer_wait_s = 0.0
-  c.apprentice.delta_clip_threshold = -1.0  # < 0: the experts' verdicts; else lambda re-applied
+  # None: the experts' verdicts; a float: lambda re-applied to every scored sample (any sign:
+  # the world CLIP's lambda is negative).
+  c.apprentice.delta_clip_threshold = config_dict.placeholder(float)
   c.apprentice.log_every = 10
   c.apprentice.checkpoint_every = 100
   c.apprentice.sample_every = 500

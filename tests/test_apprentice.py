@@ -284,6 +284,25 @@ def _write_buffer(config, workdir, rounds):
     _write_buffer_round(config, workdir, round_, group)
 
 
+def test_the_apprentice_reapplies_any_lambda_negative_ones_too(tmp_path):
+  """The world CLIP's lambda is negative (the demo's: -0.1), so "negative" cannot mean
+  'unset': None keeps the experts' verdicts, any float re-filters admitted and rejected."""
+  deltas = [-0.6, -0.4, -0.2, 0.1]
+  records = [{"image": np.zeros((4, 4, 3), np.uint8), "demos": [np.zeros((4, 4, 3), np.uint8)],
+              "demo_captions": ["a ball"], "prompt": "a ball on the snow", "subject_id": "s",
+              "delta": d, "clip_target": d, "clip_demos_max": 0.0, "seed": 0,
+              "sample_index": i, "admitted": d > 0.0} for i, d in enumerate(deltas)]
+  buffer_lib.BufferWriter(tmp_path).commit_round(0, records, {"threshold": 0.0})
+  config = _config()
+  assert stage.buffer_threshold(config) is None
+  assert [r["delta"] for r in buffer_lib.BufferSource(tmp_path, None)] == [0.1]
+  config.apprentice.delta_clip_threshold = -0.5
+  threshold = stage.buffer_threshold(config)
+  assert threshold == -0.5
+  kept = sorted(r["delta"] for r in buffer_lib.BufferSource(tmp_path, threshold))
+  assert kept == pytest.approx([-0.4, -0.2, 0.1])
+
+
 @pytest.fixture(scope="module")
 def base_workdir(tmp_path_factory):
   """Data, a base checkpoint and a 2-round buffer: what the apprentice stage reads."""
