@@ -18,7 +18,7 @@ Where the demo departs from the paper, it is for a 1.4M-parameter base trained f
 - the apprentice trains only its new demo layers (apprentice.freeze_base), at 2e-3, with
   the demo attention at 16x16 and 8x8: at 4x4 it cannot learn even to copy a demo;
 - guidance 2, not 30 / 15, and DDIM-40 sampling: this base sampled at 30 gives noise;
-- lambda -0.5 on the world CLIP's scale, scenes without fine texture (background_blur).
+- lambda -0.1 on the world CLIP's scale, scenes without fine texture (background_blur).
 """
 from suti import config_lib
 
