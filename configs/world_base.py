@@ -1,4 +1,4 @@
-"""World base: pre-trains the base model that configs/demo.py starts from (`embedded:world_base_16`).
+"""World base: pre-trains the base that configs/demo.py starts from (`embedded:world_base_16`).
 
 SuTI starts from a pre-trained text-to-image model. The demo's is shipped in the package
 (suti/assets/world_base_16, with base.json saying how it was made), so the demo's 20 minutes
