@@ -53,13 +53,17 @@ def buffer_threshold(config) -> float | None:
 
 
 def make_optimizer(ac, trainable) -> optax.GradientTransformation:
-  """config.apprentice's optimizer; with freeze_base the base's params get no updates (and no
-  optimizer state)."""
+  """config.apprentice's optimizer. With freeze_base the base's params get no updates (and no
+  optimizer state); else with base_learning_rate they learn at that rate, the new layers at
+  learning_rate."""
   tx = train_lib.make_optimizer(ac.optimizer, ac.learning_rate, ac.warmup_steps)
-  if not ac.freeze_base:
+  if ac.freeze_base:
+    base_tx = optax.set_to_zero()
+  elif ac.base_learning_rate is not None:
+    base_tx = train_lib.make_optimizer(ac.optimizer, ac.base_learning_rate, ac.warmup_steps)
+  else:
     return tx
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               new_layer_labels(trainable))
+  return optax.multi_transform({"train": tx, "frozen": base_tx}, new_layer_labels(trainable))
 
 
 def held_out_examples(config, workdir, count: int) -> list[dict]:

@@ -120,15 +120,6 @@ def world_clip_config(config, vocab_size: int, bos_id: int, eos_id: int):
 # Data.
 
 
-def random_scene(rng: np.random.Generator) -> world_lib.Scene:
-  """A prompt of the whole grammar: any background, each skill on independently."""
-  pick = lambda options, p: str(rng.choice(options)) if rng.random() < p else None
-  return world_lib.Scene(str(rng.choice(world_lib.BACKGROUNDS)),
-                         color=pick(world_lib.COLORS, 0.4),
-                         accessory=pick(world_lib.ACCESSORIES, 0.4),
-                         style=pick(world_lib.STYLES, 0.3))
-
-
 def vary_scene(scene: world_lib.Scene, rng: np.random.Generator) -> world_lib.Scene:
   """`scene` with one attribute changed: another background, or a colour, accessory or style
   added, swapped or removed."""
@@ -168,7 +159,7 @@ def make_transform(tokenizer, max_length, world=None, subjects=()):
   def transform(record, rng):
     pairs = [(record["image"], record["caption"])]
     if len(subjects):
-      scene = random_scene(rng)
+      scene = world_lib.random_scene(rng)
       seed = int(rng.integers(2**31))
       a = pick(rng)
       b = pick(rng, avoid_category=a.category)

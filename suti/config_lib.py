@@ -19,6 +19,7 @@ PIPELINE_ORDER = ("data", "clip", "pretrain", "plan", "experts", "apprentice", "
 SOURCES = ("world", "dreambench", "folder")
 TEXT_ENCODERS = ("world", "clip", "t5")
 OPTIMIZERS = ("adam", "adafactor")
+LR_SCHEDULES = ("constant", "cosine")
 SAMPLERS = ("ddpm", "ddim")
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("eps", "x0", "v")
@@ -140,7 +141,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain.optimizer = "adam"
   c.pretrain.learning_rate = 3e-4
   c.pretrain.warmup_steps = 100
+  c.pretrain.lr_schedule = "constant"  # or 'cosine': decays to zero at num_steps
   c.pretrain.caption_dropout = 0.1
+  # The embedded world only: this share of pre-training pairs are oracle renders of the whole
+  # caption grammar (recolours, accessories, art styles), drawn from oracle_subjects of the
+  # world's train split; the dataset's own captions name only a background.
+  c.pretrain.oracle_fraction = 0.0
+  c.pretrain.oracle_subjects = 4096
   c.pretrain.log_every = 50
   c.pretrain.sample_every = 500
   c.pretrain.checkpoint_every = 250
@@ -199,6 +206,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.apprentice.high_noise_from = 0.5
   c.apprentice.loss_weight_cap = 1.0
   c.apprentice.freeze_base = False
+  # The base's params' own learning rate when they train (freeze_base False); None: as the
+  # new layers' learning_rate.
+  c.apprentice.base_learning_rate = config_dict.placeholder(float)
   # Generation: DDPM as in the paper. guidance_mode 'joint' guides text and demos together
   # with `guidance`; 'text_first' / 'image_first' guide them separately (JeDi's image
   # guidance) with text_guidance and demo_guidance.
@@ -289,7 +299,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "clip.num_steps", "clip.batch_size", "clip.embed_dim", "clip.width", "clip.num_layers",
       "clip.num_heads", "clip.patch_size", "clip.max_length", "dino.num_steps",
       "dino.batch_size", "dino.width", "dino.num_layers", "dino.num_heads", "dino.patch_size",
-      "pretrain.num_steps", "pretrain.batch_size",
+      "pretrain.num_steps", "pretrain.batch_size", "pretrain.oracle_subjects",
       "pretrain.log_every", "pretrain.sample_every", "pretrain.checkpoint_every",
       "experts.num_experts", "experts.experts_per_device", "experts.num_steps",
       "experts.batch_size", "experts.sample_steps", "experts.samples_per_prompt",
@@ -308,6 +318,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "data.source", SOURCES)
   _choice(config, "model.text_encoder.kind", TEXT_ENCODERS)
   _choice(config, "pretrain.optimizer", OPTIMIZERS)
+  _choice(config, "pretrain.lr_schedule", LR_SCHEDULES)
   _choice(config, "experts.optimizer", OPTIMIZERS)
   _choice(config, "apprentice.optimizer", OPTIMIZERS)
   _choice(config, "experts.sampler", SAMPLERS)
@@ -359,6 +370,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               "clip.learning_rate", "dino.learning_rate"):
     if not _get(config, key) > 0:
       raise ConfigError(f"{key} must be > 0, got {_get(config, key)!r}")
+  base_lr = config.apprentice.base_learning_rate
+  if base_lr is not None and not base_lr >= 0:
+    raise ConfigError(f"apprentice.base_learning_rate must be >= 0 (or unset), got {base_lr!r}")
+  if base_lr is not None and config.apprentice.freeze_base:
+    raise ConfigError("apprentice.base_learning_rate is set but apprentice.freeze_base is "
+                      "True: a frozen base does not train; unset one of them")
+  if not 0.0 <= config.pretrain.oracle_fraction <= 1.0:
+    raise ConfigError(f"pretrain.oracle_fraction must be in [0, 1], got "
+                      f"{config.pretrain.oracle_fraction!r}")
+  if config.pretrain.oracle_fraction and config.data.source != "world":
+    raise ConfigError(f"pretrain.oracle_fraction is {config.pretrain.oracle_fraction} but "
+                      f"data.source is {config.data.source!r}: only the embedded world has an "
+                      f"oracle; set it to 0")
   for key in ("pretrain.caption_dropout", "apprentice.text_dropout", "apprentice.demo_dropout"):
     if not 0.0 <= _get(config, key) < 1.0:
       raise ConfigError(f"{key} must be in [0, 1), got {_get(config, key)!r}")

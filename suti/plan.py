@@ -191,7 +191,7 @@ def base_rows(config, ctx: Context) -> list[Program]:
   and one guided step of the sampler that draws its sample grids."""
   pc = config.pretrain
   model, trainable, frozen = abstract_model(config)
-  tx = train_lib.make_optimizer(pc.optimizer, pc.learning_rate, pc.warmup_steps)
+  tx = pretrain.make_optimizer(pc)
   return [
       train_program("base", "pretrain_train", config, model, trainable, frozen, tx,
                     ctx.per_device(pc.batch_size), optimizer=pc.optimizer,

@@ -22,6 +22,7 @@ from suti import mesh as mesh_lib
 from suti import train_lib
 from suti.config_lib import InputError
 from suti.data import pipeline
+from suti.data import world as world_lib
 from suti.model import TextToImage
 from suti.nn.unet import count_params
 
@@ -107,6 +108,14 @@ def load_base(config, workdir, model: TextToImage | None = None):
   return model, restored.params, model.frozen_params()
 
 
+def make_optimizer(pc) -> optax.GradientTransformation:
+  """config.pretrain's optimizer: warmup, then constant or (lr_schedule 'cosine') decayed to
+  zero at num_steps."""
+  decay_steps = pc.num_steps if pc.lr_schedule == "cosine" else 0
+  return train_lib.make_optimizer(pc.optimizer, pc.learning_rate, pc.warmup_steps,
+                                  decay_steps=decay_steps)
+
+
 def make_train_step(model: TextToImage, tx: optax.GradientTransformation, seed: int):
   """The pure update: (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state,
   metrics). Noise and timesteps come from fold_in(seed, step), so a resumed run draws the
@@ -123,16 +132,39 @@ def make_train_step(model: TextToImage, tx: optax.GradientTransformation, seed: 
   return train_step
 
 
-def make_transform(model: TextToImage, caption_dropout: float):
-  """One (image, caption) record -> model inputs; drops the caption for guidance."""
+def make_transform(model: TextToImage, caption_dropout: float, world=None, subjects=(),
+                   oracle_fraction: float = 0.0):
+  """One (image, caption) record -> model inputs; drops the caption for guidance.
+
+  With `oracle_fraction` > 0 (the embedded world) that share of records is replaced by the
+  oracle's render of one of `subjects` for a random prompt of the whole grammar. The dataset's
+  captions only name a background, yet the experts and the apprentice are asked for recolours,
+  accessories and art styles: a real base (Imagen) learnt those from the web's captions long
+  before it met a subject, and this is the world's stand-in for that.
+  """
 
   def transform(record, rng: np.random.Generator):
-    caption = record["caption"] if rng.random() >= caption_dropout else ""
+    image, caption = record["image"], record["caption"]
+    if oracle_fraction and rng.random() < oracle_fraction:
+      subject = subjects[int(rng.integers(len(subjects)))]
+      caption = world.prompt(subject, world_lib.random_scene(rng))
+      image, _ = world.render(subject, caption, int(rng.integers(2**31)))
+    caption = caption if rng.random() >= caption_dropout else ""
     tokens = model.tokenize([caption])
-    return {"image": train_lib.to_model_space(record["image"]),
+    return {"image": train_lib.to_model_space(image),
             "ids": tokens["ids"][0], "mask": tokens["mask"][0]}
 
   return transform
+
+
+def oracle_subjects(config) -> list:
+  """The world train-split subjects whose oracle renders pre-training mixes in (none when
+  pretrain.oracle_fraction is 0). Eval identities are partitioned off by the world, so none of
+  them can leak into the base."""
+  if not config.pretrain.oracle_fraction:
+    return []
+  world = world_lib.from_config(config)
+  return world.subjects("train", min(config.pretrain.oracle_subjects, world.capacity("train")))
 
 
 def sample_prompts(data_dir, count: int) -> list[str]:
@@ -169,14 +201,17 @@ def run(config, workdir) -> dict:
   if pc.batch_size % mesh.size:
     raise ValueError(f"pretrain.batch_size ({pc.batch_size}) must be divisible by the "
                      f"{mesh.size} devices of the 'data' mesh axis")
-  tx = train_lib.make_optimizer(pc.optimizer, pc.learning_rate, pc.warmup_steps)
+  tx = make_optimizer(pc)
   trainable, frozen = model.init(jax.random.PRNGKey(config.seed))
   opt_state = tx.init(trainable)
 
   pairs = pipeline.PairSource(pipeline.ClusterSource(workdir / "data", "train"))
   per_process_batch = pc.batch_size // jax.process_count()
+  world = world_lib.from_config(config) if pc.oracle_fraction else None
+  transform = make_transform(model, pc.caption_dropout, world, oracle_subjects(config),
+                             pc.oracle_fraction)
   data = pipeline.make_iterator(pairs, batch_size=per_process_batch, seed=config.seed,
-                                random_transform=make_transform(model, pc.caption_dropout))
+                                random_transform=transform)
   restored = ckpt.restore(params=trainable, opt_state=opt_state)
   step = 0
   if restored is not None:

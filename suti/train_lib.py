@@ -14,10 +14,16 @@ from suti.data import images as images_lib
 
 
 def make_optimizer(name: str, learning_rate: float, warmup_steps: int = 0,
-                   grad_clip: float = 1.0) -> optax.GradientTransformation:
-  """Adam or Adafactor (SuTI: Adafactor for experts and apprentice) with linear warmup."""
-  schedule = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps
-              else learning_rate)
+                   grad_clip: float = 1.0, decay_steps: int = 0) -> optax.GradientTransformation:
+  """Adam or Adafactor (SuTI: Adafactor for experts and apprentice) with linear warmup; with
+  decay_steps (the run's length) the rate then falls as a cosine to zero at that step."""
+  if decay_steps:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps,
+                                                  max(decay_steps, warmup_steps + 1))
+  elif warmup_steps:
+    schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+  else:
+    schedule = learning_rate
   if name == "adam":
     inner = optax.adam(schedule)
   elif name == "adafactor":

@@ -253,7 +253,7 @@ def test_world_tokenizer_makes_each_word_one_token(tmp_path):
     assert slow.tokenize(word) == [word + "</w>"], word
   rng = np.random.default_rng(0)
   sentences = [world_lib.format_prompt(str(rng.choice(world_lib.CATEGORIES)),
-                                       clip_train.random_scene(rng)) for _ in range(200)]
+                                       world_lib.random_scene(rng)) for _ in range(200)]
   sentences += clip_train._longest_prompts()  # pylint: disable=protected-access
   for sentence in sentences:
     ids = slow(sentence)["input_ids"]

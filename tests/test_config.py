@@ -52,6 +52,9 @@ def test_dreambench_config_requires_path():
                                         r"pixels in \[0, image_size / 4 = 4\], got 5.0"),
     ("apprentice.num_train_demos", 4, r"apprentice.num_train_demos \(4\) must be <= "
                                       r"data.min_demos \(3\)"),
+    ("apprentice.freeze_base", True, "apprentice.base_learning_rate is set but "
+                                     "apprentice.freeze_base is True"),
+    ("pretrain.oracle_fraction", 1.5, r"pretrain.oracle_fraction must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_values_name_key_and_value(key, value, message):
   config = load_config("demo")
@@ -77,3 +80,12 @@ def test_demo_config_sizes_and_a_bad_argument():
     assert c.image_size // c.clip.patch_size == 8
   with pytest.raises(config_lib.ConfigError, match="configs/demo.py takes no argument"):
     load_config("demo", "128")
+
+
+def test_oracle_pretraining_needs_the_embedded_world():
+  config = load_config("demo")
+  config.pretrain.oracle_fraction = 0.5
+  config.data.source, config.data.path = "folder", "/data/photos"
+  with pytest.raises(config_lib.ConfigError, match="pretrain.oracle_fraction is 0.5 but "
+                                                   "data.source is 'folder'"):
+    config_lib.validate(config)

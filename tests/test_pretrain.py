@@ -10,6 +10,7 @@ import pytest
 
 from suti import checkpoint, config_lib, pretrain, train_lib
 from suti.data import builder
+from suti.data import world as world_lib
 from tests.conftest import REPO, load_config
 
 
@@ -66,6 +67,70 @@ def test_resume_continues_the_same_loss_curve(data_workdir, tmp_path):
   params = [checkpoint.load_params(w / "pretrain" / "checkpoints") for w in (straight,
                                                                             interrupted)]
   jax.tree.map(np.testing.assert_array_equal, *params)
+
+
+class _CaptionRecorder:
+  """Stands in for TextToImage.tokenize and keeps every caption it was given."""
+
+  def __init__(self):
+    self.captions = []
+
+  def tokenize(self, captions):
+    self.captions += list(captions)
+    return {"ids": np.zeros((1, 4), np.int32), "mask": np.ones((1, 4), bool)}
+
+
+def test_oracle_fraction_mixes_in_renders_of_the_whole_grammar():
+  config = _config(oracle_fraction=0.5, oracle_subjects=64)
+  world = world_lib.from_config(config)
+  subjects = pretrain.oracle_subjects(config)
+  assert len(subjects) == 64 and {s.split for s in subjects} == {"train"}
+  assert pretrain.oracle_subjects(_config()) == []  # the default: the dataset's pairs only
+  recorder = _CaptionRecorder()
+  transform = pretrain.make_transform(recorder, 0.0, world, subjects, 0.5)
+  size = config.image_size
+  record = {"image": np.zeros((size, size, 3), np.uint8), "caption": "a star on the grass"}
+  examples = [transform(record, np.random.default_rng(i)) for i in range(400)]
+  oracle = [(e, c) for e, c in zip(examples, recorder.captions) if c != record["caption"]]
+  assert 0.42 < len(oracle) / len(examples) < 0.58
+  scenes = [world.parse_prompt(c) for _, c in oracle]
+  for skill in ("color", "accessory", "style"):  # what the dataset's captions never ask
+    assert np.mean([getattr(s, skill) is not None for s in scenes]) > 0.15, skill
+  # Each replaced pair is a render of its caption, not the record's image.
+  for example, _ in oracle:
+    assert example["image"].shape == (size, size, 3) and example["image"].std() > 0.05
+  for example, caption in zip(examples, recorder.captions):
+    if caption == record["caption"]:
+      np.testing.assert_array_equal(example["image"], -1.0)
+  # With a caption dropout the oracle's captions are dropped too, at the same rate.
+  recorder = _CaptionRecorder()
+  transform = pretrain.make_transform(recorder, 0.5, world, subjects, 1.0)
+  for i in range(200):
+    transform(record, np.random.default_rng(i))
+  assert 0.38 < recorder.captions.count("") / 200 < 0.62
+  assert record["caption"] not in recorder.captions
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+  """Adam's step is the learning rate: it rises over warmup_steps, then with lr_schedule
+  'cosine' falls to zero at num_steps; 'constant' stays at the peak."""
+  params = {"w": np.zeros(3, np.float32)}
+  grads = {"w": np.full(3, 1e-3, np.float32)}  # under the norm clip
+  steps = {}
+  for schedule in ("constant", "cosine"):
+    pc = _config(lr_schedule=schedule, learning_rate=1e-2, warmup_steps=4,
+                 num_steps=12).pretrain
+    tx = pretrain.make_optimizer(pc)
+    state, sizes = tx.init(params), []
+    for _ in range(pc.num_steps + 1):
+      updates, state = tx.update(grads, state, params)
+      sizes.append(float(np.abs(updates["w"]).mean()))
+    steps[schedule] = np.array(sizes)
+  for sizes in steps.values():
+    np.testing.assert_allclose(sizes[:5], [0, 2.5e-3, 5e-3, 7.5e-3, 1e-2], rtol=1e-3, atol=1e-9)
+  np.testing.assert_allclose(steps["constant"][4:], 1e-2, rtol=1e-3)
+  np.testing.assert_allclose(steps["cosine"][8], 5e-3, rtol=1e-3)  # half way down
+  assert steps["cosine"][-1] < 1e-9 and np.all(np.diff(steps["cosine"][4:]) < 0)
 
 
 def test_base_checkpoint_is_used_instead_of_training(data_workdir, tmp_path):

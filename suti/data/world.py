@@ -163,6 +163,14 @@ class Scene:
 # The caption grammar.
 
 
+def random_scene(rng: np.random.Generator) -> Scene:
+  """A scene of the whole grammar: any background, each skill on independently (what the
+  world CLIP and the base model are pre-trained on, as real ones are on the web's captions)."""
+  pick = lambda options, p: str(rng.choice(options)) if rng.random() < p else None
+  return Scene(str(rng.choice(BACKGROUNDS)), color=pick(COLORS, 0.4),
+               accessory=pick(ACCESSORIES, 0.4), style=pick(STYLES, 0.3))
+
+
 def _article(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
