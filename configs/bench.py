@@ -16,14 +16,22 @@ from suti import config_lib
 
 def get_config(arg=None):
   c = config_lib.load_config_file(pathlib.Path(__file__).with_name("demo.py"), arg)
-  c.pretrain.base_checkpoint = ""  # the bench pre-trains its own base, 1100 steps
+  c.pretrain.base_checkpoint = ""  # the bench pre-trains its own base, 1100 x 32
   c.pretrain.num_steps = 1100
+  c.pretrain.batch_size = 32
+  c.pretrain.warmup_steps = 50
+  c.pretrain.lr_schedule = "constant"
+  c.pretrain.oracle_fraction = 0.0  # the dataset's pairs only, as when the table was made
+  c.pretrain.sample_every = 500
   c.experts.delta_clip_threshold = -0.5  # the demo's lambda when the bench's table was made
   c.clip.num_steps = 300
   c.dino.num_steps = 150
   c.experts.num_experts = 16
   c.experts.num_rounds = 6
   c.apprentice.demo_attention_resolutions = (c.image_size // 2,)
+  c.apprentice.freeze_base = True  # the demo's apprentice recipe when the table was made
+  c.apprentice.base_learning_rate = None
+  c.apprentice.guidance = 2.0
   c.apprentice.num_steps = 1500
   c.apprentice.checkpoint_every = 500
   c.apprentice.sample_every = 500

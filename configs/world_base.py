@@ -3,13 +3,15 @@
 SuTI starts from a pre-trained text-to-image model. The demo's is shipped in the package
 (suti/assets/world_base_16, with base.json saying how it was made), so the demo's 20 minutes
 go to SuTI itself: the scorers, the experts, the apprentice and the evaluation. This config
-remakes it, about 5.5 minutes on a 2-core CPU:
+remakes it, about 45-60 minutes on a 2-core CPU:
 
   python -m suti.launch --config=configs/world_base.py --workdir=W
-  # then copy W/pretrain/checkpoints/900/ (without opt_state/) to suti/assets/world_base_16/
+  # then copy W/pretrain/checkpoints/2500/ (without opt_state/) to suti/assets/world_base_16/
 
-It is the demo's own pre-training (the 16x16 world's 512 training subjects, 900 steps of 32,
-v-prediction), which the demo ran itself until the apprentice needed the time. A run with
+It is the demo's pretrain section: 2500 steps of 64 (160k images, cosine learning rate),
+v-prediction, on the 16x16 world's 512 training subjects mixed with oracle renders of the
+whole caption grammar (recolours, accessories, art styles) for 4096 training-split subjects,
+as Imagen learnt those words before SuTI met a subject. A run with
 `--config.pretrain.base_checkpoint=` (empty) pre-trains in the demo instead.
 """
 import pathlib
