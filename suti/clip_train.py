@@ -360,7 +360,7 @@ def train_world_clip(config, workdir) -> dict:
   # holds (see make_transform). Eval subjects are never among them: the world's split
   # partitions identities, so the eval numbers below stay held out. Real photos (no spec):
   # no oracle, plain pairs.
-  pool = (world.subjects("train", min(ORACLE_SUBJECTS, world.capacity("train")))
+  pool = (world.train_pool(ORACLE_SUBJECTS)
           if all(pairs.cluster(i).spec for i in range(pairs.num_subjects)) else [])
   group = 4 if pool else 1
   records = max(1, cc.batch_size // group)  # batch_size counts pairs

@@ -157,14 +157,13 @@ def make_transform(model: TextToImage, caption_dropout: float, world=None, subje
   return transform
 
 
-def oracle_subjects(config) -> list:
+def oracle_subjects(config, world) -> list:
   """The world train-split subjects whose oracle renders pre-training mixes in (none when
   pretrain.oracle_fraction is 0). Eval identities are partitioned off by the world, so none of
   them can leak into the base."""
   if not config.pretrain.oracle_fraction:
     return []
-  world = world_lib.from_config(config)
-  return world.subjects("train", min(config.pretrain.oracle_subjects, world.capacity("train")))
+  return world.train_pool(config.pretrain.oracle_subjects)
 
 
 def sample_prompts(data_dir, count: int) -> list[str]:
@@ -208,7 +207,7 @@ def run(config, workdir) -> dict:
   pairs = pipeline.PairSource(pipeline.ClusterSource(workdir / "data", "train"))
   per_process_batch = pc.batch_size // jax.process_count()
   world = world_lib.from_config(config) if pc.oracle_fraction else None
-  transform = make_transform(model, pc.caption_dropout, world, oracle_subjects(config),
+  transform = make_transform(model, pc.caption_dropout, world, oracle_subjects(config, world),
                              pc.oracle_fraction)
   data = pipeline.make_iterator(pairs, batch_size=per_process_batch, seed=config.seed,
                                 random_transform=transform)

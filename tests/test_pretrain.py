@@ -83,9 +83,9 @@ class _CaptionRecorder:
 def test_oracle_fraction_mixes_in_renders_of_the_whole_grammar():
   config = _config(oracle_fraction=0.5, oracle_subjects=64)
   world = world_lib.from_config(config)
-  subjects = pretrain.oracle_subjects(config)
+  subjects = pretrain.oracle_subjects(config, world)
   assert len(subjects) == 64 and {s.split for s in subjects} == {"train"}
-  assert pretrain.oracle_subjects(_config()) == []  # the default: the dataset's pairs only
+  assert pretrain.oracle_subjects(_config(), world) == []  # the default: the dataset's pairs
   recorder = _CaptionRecorder()
   transform = pretrain.make_transform(recorder, 0.0, world, subjects, 0.5)
   size = config.image_size

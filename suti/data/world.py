@@ -795,6 +795,11 @@ class World:
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
 
+  def train_pool(self, count: int) -> list[Subject]:
+    """Up to `count` train-split subjects (at most the split's capacity): the pool the world
+    CLIP's and the base's oracle renders draw from. No eval identity is ever among them."""
+    return self.subjects("train", min(count, self.capacity("train")))
+
   def subjects(self, split: str, count: int) -> list[Subject]:
     """The first `count` subjects of a split; categories take turns so all are covered."""
     self._check_split(split)
