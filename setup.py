@@ -29,8 +29,9 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["suti", "suti.*", "experts", "experts.*",
                                                "apprentice", "apprentice.*"]),
-    # The shipped base model(s) of the embedded world (suti/assets/NAME/: base.json, a checkpoint).
-    package_data={"suti": ["assets/*/*.json", "assets/*/*/*", "assets/*/*/*/*",
+    # The shipped models of the embedded world (suti/assets/NAME/: asset.json, and a base's
+    # checkpoint or a world CLIP's / DINO's Hugging Face files).
+    package_data={"suti": ["assets/*/*", "assets/*/*/*", "assets/*/*/*/*",
                            "assets/*/*/*/*/*", "assets/*/*/*/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},

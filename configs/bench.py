@@ -24,6 +24,7 @@ def get_config(arg=None):
   c.pretrain.oracle_fraction = 0.0  # the dataset's pairs only, as when the table was made
   c.pretrain.sample_every = 500
   c.experts.delta_clip_threshold = -0.5  # the demo's lambda when the bench's table was made
+  c.clip.path = c.dino.path = ""  # it trains its own scorers, as when the table was made
   c.clip.num_steps = 300
   c.dino.num_steps = 150
   c.experts.num_experts = 16

@@ -4,8 +4,9 @@
 -> evaluate -> export. At 16x16 `pretrain` loads the base shipped in the package
 (`embedded:world_base_16`, made by configs/world_base.py in about an hour on 2 cores, on the
 dataset's pairs and oracle renders of the whole caption grammar), as SuTI starts from a
-pre-trained model. Images are 16x16: on 2 cores that is the size at which a base model
-learns the world's scenes and coloured subjects (docs/RESULTS.md, issue 7).
+pre-trained model, and `clip` loads the shipped world CLIP and DINO
+(configs/world_scorers.py). Images are 16x16: on 2 cores that is the size at which a base
+model learns the world's scenes and coloured subjects (docs/RESULTS.md, issue 7).
 configs/bench.py is the same pipeline with more of everything (about 2 hours). `:32` and `:64`
 select larger images with the same network shape (attention at the same fractions of the
 image); they need far more pre-training than the demo's to draw subjects.
@@ -58,7 +59,12 @@ def get_config(arg=None):
   # trained for minutes draws texture as noise, and its experts' samples with it (RESULTS).
   c.data.world.background_blur = 1.5
 
-  # Scoring models (stage `clip`): 8x8 patches a side at any size. ~2 minutes at 16x16.
+  # Scoring models (stage `clip`): 8x8 patches a side at any size. At 16x16 the demo loads
+  # the world CLIP and DINO shipped in the package (configs/world_scorers.py makes them from
+  # this section, ~10 minutes), as SuTI scores with a pre-trained CLIP and DINO.
+  # `--config.clip.path= --config.dino.path=` (empty) trains them in the run.
+  c.clip.path = "embedded:world_clip_16" if c.image_size == 16 else ""
+  c.dino.path = "embedded:world_dino_16" if c.image_size == 16 else ""
   c.clip.patch_size = c.dino.patch_size = c.image_size // 8
   c.clip.num_steps = 250
   c.clip.learning_rate = 2e-3

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import optax
 
+from suti import assets
 from suti import checkpoint as checkpoint_lib
 from suti import files
 from suti import mesh as mesh_lib
@@ -33,24 +34,10 @@ def stage_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / "pretrain"
 
 
-# pretrain.base_checkpoint 'embedded:NAME' is a base shipped in the package (suti/assets/NAME,
-# with PROVENANCE_FILE saying how it was made), as the paper starts from a pre-trained Imagen.
-EMBEDDED_PREFIX = "embedded:"
-ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
-PROVENANCE_FILE = "base.json"
-
-
 def resolve_base_checkpoint(value: str) -> pathlib.Path:
-  """A pretrain.base_checkpoint value -> its directory ('embedded:NAME' or a path)."""
-  if not value.startswith(EMBEDDED_PREFIX):
-    return pathlib.Path(value)
-  name = value[len(EMBEDDED_PREFIX):]
-  path = ASSETS_DIR / name
-  if not name or not (path / PROVENANCE_FILE).is_file():
-    known = sorted(p.name for p in ASSETS_DIR.glob("*") if (p / PROVENANCE_FILE).is_file())
-    raise InputError(f"pretrain.base_checkpoint {value!r}: no embedded base {name!r} in "
-                     f"{ASSETS_DIR}; embedded bases: {known}")
-  return path
+  """A pretrain.base_checkpoint value -> its directory ('embedded:NAME' (suti/assets) or a
+  path), as the paper starts from a pre-trained Imagen."""
+  return assets.resolve(value, "pretrain.base_checkpoint")
 
 
 def base_checkpoint_dir(config, workdir) -> pathlib.Path:
@@ -184,9 +171,9 @@ def run(config, workdir) -> dict:
     model, trainable, _ = load_base(config, workdir)
     summary = {"base_checkpoint": pc.base_checkpoint, "params": count_params(trainable),
                "trained": False}
-    provenance = base_checkpoint_dir(config, workdir) / PROVENANCE_FILE
-    if provenance.is_file():
-      summary["provenance"] = json.loads(provenance.read_text())
+    provenance = assets.provenance(base_checkpoint_dir(config, workdir))
+    if provenance is not None:
+      summary["provenance"] = provenance
     return summary
   summary_path = out / "summary.json"
   ckpt = checkpoint_lib.Checkpoints.from_config(out / "checkpoints", config)

@@ -13,7 +13,8 @@ import pathlib
 HEADLINES = {
     "data": ("subjects", "images"),
     # Stage clip trains two scorers; its summary nests them: {'clip': {...}, 'dino': {...}}.
-    "clip": ("clip.retrieval_top1", "clip.identity_auc", "dino.auc"),
+    "clip": ("clip.retrieval_top1", "clip.identity_auc", "clip.identity_auc_masked",
+             "dino.auc"),
     "pretrain": ("steps", "final_loss", "images_per_second", "base_checkpoint"),
     "plan": ("rows",),
     "experts": ("rounds", "samples", "admitted", "acceptance_rate"),

@@ -2,14 +2,16 @@
 
 CLIP scores prompts and images (the delta-CLIP filter of the experts stage, CLIP-T, CLIP-I);
 the DINO ViT scores subject identity (DINO, MDINO). Given real weights by path
-(`clip.path`, `dino.path`), the stage only checks that they load. Otherwise, on the embedded
-world, it trains small ones and saves them in the same Hugging Face format:
+(`clip.path`, `dino.path`), the stage only checks that they load; 'embedded:NAME' names a world
+model shipped in the package (suti/assets, as configs/world_scorers.py made it). Otherwise, on
+the embedded world, it trains small ones and saves them in the same Hugging Face format:
 workdir/clip/ and workdir/dino/, so one loading path serves real and world models.
 """
 from __future__ import annotations
 
 import pathlib
 
+from suti import assets
 from suti import clip as clip_lib
 from suti.config_lib import InputError
 from suti import clip_train, identity_train, metrics
@@ -20,11 +22,31 @@ class ScoringModelError(InputError):
 
 
 def clip_dir(config, workdir) -> str:
-  return config.clip.path or str(clip_train.stage_dir(workdir))
+  return _model_dir(config, "clip", clip_train.stage_dir(workdir))
 
 
 def dino_dir(config, workdir) -> str:
-  return config.dino.path or str(identity_train.stage_dir(workdir))
+  return _model_dir(config, "dino", identity_train.stage_dir(workdir))
+
+
+def _model_dir(config, name: str, trained_dir) -> str:
+  """config.<name>.path resolved ('embedded:NAME': checked against this config first), or
+  the directory the stage trains the world model into."""
+  value = config[name].path
+  if not value:
+    return str(trained_dir)
+  path = assets.resolve(value, f"{name}.path")
+  made = assets.provenance(path) if assets.is_embedded(value) else None
+  # A world CLIP or DINO knows one image size and one world rendering.
+  for key in ("image_size", "data.world.background_blur"):
+    want = config
+    for part in key.split("."):
+      want = want[part]
+    if made and key in made.get("config", {}) and made["config"][key] != want:
+      raise InputError(f"{name}.path {value!r} was made with {key}={made['config'][key]!r}; "
+                       f"this config has {key}={want!r}: train one in the run "
+                       f"(--config.{name}.path=) or use one made for it")
+  return str(path)
 
 
 def load_clip(config, workdir) -> clip_lib.ClipScorer:
@@ -44,6 +66,10 @@ def run(config, workdir) -> dict:
     if path:
       load(config, workdir)  # fails early, naming the missing file, before any other stage
       summary[name] = {"path": path, "trained": False}
+      if assets.is_embedded(path):  # a shipped world model: its held-out numbers, its making
+        made = assets.provenance(assets.resolve(path, f"{name}.path"))
+        summary[name].update({k: v for k, v in made.pop("summary", {}).items() if k != "path"})
+        summary[name]["provenance"] = made
     elif config.data.source != "world":
       # The world models know only the world's words and subjects: real photos need real ones.
       raise ScoringModelError(f"{name}.path must point to a pretrained {name.upper()} "

@@ -181,7 +181,8 @@ def test_the_demo_starts_from_its_embedded_base(tmp_path):
     assert ckpt.latest_step() == config.pretrain.num_steps
   assert load_config("demo", "32").pretrain.base_checkpoint == ""  # none shipped at 32x32
   config.pretrain.base_checkpoint = "embedded:world_base_99"
-  with pytest.raises(config_lib.InputError, match="embedded bases: \\['world_base_16'\\]"):
+  with pytest.raises(config_lib.InputError, match="pretrain.base_checkpoint 'embedded:world_base"
+                     "_99': no embedded model 'world_base_99'.*embedded models: .*'world_base_16'"):
     pretrain.load_base(config, tmp_path)
 
 

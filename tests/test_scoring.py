@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import transformers
 
+from suti import assets
 from suti import clip as clip_lib
 from suti import clip_train
 from suti import config_lib
 from suti import metrics
 from suti import scoring
-from tests.conftest import REPO
+from tests.conftest import REPO, load_config
 from tests.test_clip import random_params, tiny_clip_config
 
 
@@ -62,7 +63,7 @@ def test_a_configured_directory_missing_files_is_named(tmp_path, tiny_config, re
     scoring.run(tiny_config, tmp_path)
 
 
-def test_launch_trains_both_world_models_and_reuses_them(tmp_path):
+def test_launch_trains_both_world_models_and_reuses_them(tmp_path, monkeypatch):
   workdir = tmp_path / "w"
   args = [sys.executable, "-m", "suti.launch", "--config=configs/tiny.py",
           f"--workdir={workdir}", "--stages=data,clip", "--config.clip.num_steps=10",
@@ -80,6 +81,57 @@ def test_launch_trains_both_world_models_and_reuses_them(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   reused = json.loads(again.stdout.strip().splitlines()[-1])["clip"]
   assert reused.pop("seconds") < 10 and reused == summary
+
+  # Shipped as configs/world_scorers.py's are, they load as 'embedded:NAME' with no training.
+  monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path / "assets")
+  shipped = assets.ship_world_scorers(workdir)
+  assert [p.name for p in shipped] == ["world_clip_16", "world_dino_16"]
+  assert not (shipped[0] / "checkpoints").exists() and not (shipped[0] / "logs").exists()
+  config = load_config("tiny")
+  config.clip.path, config.dino.path = "embedded:world_clip_16", "embedded:world_dino_16"
+  loaded = scoring.run(config, tmp_path / "fresh")
+  assert not (tmp_path / "fresh").exists()
+  assert loaded["clip"]["trained"] is False and loaded["dino"]["trained"] is False
+  for name in ("clip", "dino"):  # the shipped run's held-out numbers, as report.md shows them
+    assert {k: v for k, v in loaded[name].items() if k in summary[name] and k != "path"} == {
+        k: v for k, v in summary[name].items() if k != "path"}
+  assert loaded["clip"]["provenance"]["config"]["clip"]["num_steps"] == 10
+  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), np.uint8)
+  np.testing.assert_allclose(
+      scoring.load_clip(config, tmp_path).embed_images(images),
+      clip_lib.ClipScorer.from_pretrained(workdir / "clip").embed_images(images), atol=1e-6)
+  # Made for other images than this config's: refused, naming both values.
+  config.image_size = 32
+  with pytest.raises(config_lib.InputError, match=r"clip.path 'embedded:world_clip_16' was made "
+                     r"with image_size=16; this config has image_size=32"):
+    scoring.run(config, tmp_path / "fresh")
+  config.clip.path = "embedded:world_clip_99"
+  with pytest.raises(config_lib.InputError, match=r"clip.path 'embedded:world_clip_99': no "
+                     r"embedded model 'world_clip_99'.*'world_clip_16'"):
+    scoring.load_clip(config, tmp_path)
+
+
+def test_the_demo_scores_with_its_shipped_world_models(tmp_path):
+  """configs/demo.py loads the world CLIP and DINO shipped in the package; asset.json says
+  they are what configs/world_scorers.py trains from the demo's own sections."""
+  config = load_config("demo")
+  summary = scoring.run(config, tmp_path)
+  assert not (tmp_path / "clip").exists() and not (tmp_path / "dino").exists()
+  remake = load_config("world_scorers")
+  assert remake.stages == "data,clip" and remake.clip.path == remake.dino.path == ""
+  for name in ("clip", "dino"):
+    made = summary[name]["provenance"]
+    assert made["config"][name] == dict(remake[name].to_dict(), path="")
+    assert made["config"]["image_size"] == config.image_size
+    assert made["config"]["data.world.background_blur"] == config.data.world.background_blur
+  # Trained models, not initialisations: held-out retrieval far above chance, a delta-CLIP
+  # filter that passes the oracle's answers and fails most prompt-ignoring samples, and a
+  # DINO that tells subjects of one category apart.
+  clip = summary["clip"]
+  assert clip["retrieval_top1"] > 5 * clip["retrieval_chance_top1"]
+  assert clip["delta_oracle_pass"] > 0.9 and clip["delta_ignored_pass"] < 0.5
+  assert summary["dino"]["auc"] > 0.75
+  assert load_config("demo", "32").clip.path == ""  # none shipped at 32x32
 
 
 def test_launch_names_the_missing_scoring_model(tmp_path):
