@@ -71,8 +71,8 @@ def ship_hf_dir(source, name: str, what: str, made_by: str) -> pathlib.Path:
   for file in HF_FILES:
     if (source / file).is_file():
       shutil.copy2(source / file, target / file)
-  record = {"what": what, "made_by": made_by, "config": config,
-            "summary": json.loads(summary_file.read_text())}
+  summary = dict(json.loads(summary_file.read_text()), path=f"W/{section}")  # not this host's
+  record = {"what": what, "made_by": made_by, "config": config, "summary": summary}
   (target / PROVENANCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
   return target
 
