@@ -1,8 +1,8 @@
 """World base: pre-trains the base that configs/demo.py starts from (`embedded:world_base_16`).
 
 SuTI starts from a pre-trained text-to-image model. The demo's is shipped in the package
-(suti/assets/world_base_16, with base.json saying how it was made), so the demo's 20 minutes
-go to SuTI itself: the scorers, the experts, the apprentice and the evaluation. This config
+(suti/assets/world_base_16, with asset.json saying how it was made), so the demo's minutes
+go to SuTI itself: the experts, the apprentice and the evaluation. This config
 remakes it, about 45-60 minutes on a 2-core CPU:
 
   python -m suti.launch --config=configs/world_base.py --workdir=W
