@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import pathlib
 
+from suti import config_lib
 from suti.config_lib import InputError
 
 EMBEDDED_PREFIX = "embedded:"
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
 PROVENANCE_FILE = "asset.json"
+# The config keys a world CLIP / DINO is tied to: it knows one image size and one rendering.
+WORLD_MODEL_FIELDS = ("image_size", "data.world.background_blur")
 
 
 def is_embedded(value: str) -> bool:
@@ -43,6 +46,18 @@ def provenance(path) -> dict | None:
   return json.loads(file.read_text()) if file.is_file() else None
 
 
+def check_world_model(config, value: str, field: str) -> None:
+  """Raises InputError if the embedded world model `value` (config key `field`) was made with
+  other WORLD_MODEL_FIELDS than `config` has."""
+  made = (provenance(resolve(value, field)) or {}).get("config", {})
+  for key in WORLD_MODEL_FIELDS:
+    want = config_lib.lookup(config, key)
+    if key in made and made[key] != want:
+      raise InputError(f"{field} {value!r} was made with {key}={made[key]!r}; this config "
+                       f"has {key}={want!r}: train one in the run (--config.{field}=) or use "
+                       f"one made for it")
+
+
 # The files of a Hugging Face model directory that a world CLIP / DINO asset keeps (not the
 # stage's checkpoints/ or logs/).
 HF_FILES = ("config.json", "flax_model.msgpack", "preprocessor_config.json", "vocab.json",
@@ -63,9 +78,8 @@ def ship_hf_dir(source, name: str, what: str, made_by: str) -> pathlib.Path:
       raise InputError(f"{file} is missing: ship a directory whose stage has finished")
   run_config = json.loads(config_file.read_text())
   section = source.name  # 'clip' or 'dino'
-  config = {"image_size": run_config["image_size"],
-            "data.world.background_blur": run_config["data"]["world"]["background_blur"],
-            section: run_config[section]}
+  config = {key: config_lib.lookup(run_config, key) for key in WORLD_MODEL_FIELDS}
+  config[section] = run_config[section]
   target = ASSETS_DIR / name
   target.mkdir(parents=True, exist_ok=True)
   for file in HF_FILES:

@@ -250,7 +250,8 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _get(config, dotted):
+def lookup(config, dotted: str):
+  """config['a']['b'] for 'a.b' (a ConfigDict or the plain dicts of a saved config.json)."""
   node = config
   for part in dotted.split("."):
     node = node[part]
@@ -259,7 +260,7 @@ def _get(config, dotted):
 
 def _positive_ints(config, keys, allow_zero=()):
   for key in keys:
-    value = _get(config, key)
+    value = lookup(config, key)
     floor = 0 if key in allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < floor:
       relation = ">= 0" if floor == 0 else "> 0"
@@ -267,7 +268,7 @@ def _positive_ints(config, keys, allow_zero=()):
 
 
 def _choice(config, key, choices):
-  value = _get(config, key)
+  value = lookup(config, key)
   if value not in choices:
     raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
@@ -355,7 +356,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   sizes = {config.image_size // 2**i for i in range(len(mult))}
   for key in ("model.attention_resolutions", "model.cross_attention_resolutions",
               "apprentice.demo_attention_resolutions"):
-    for res in _get(config, key):
+    for res in lookup(config, key):
       if res not in sizes:
         raise ConfigError(f"{key} has {res}, which is not one of the UNet's feature-map sizes "
                           f"{sorted(sizes, reverse=True)}")
@@ -368,8 +369,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("pretrain.learning_rate", "experts.learning_rate", "apprentice.learning_rate",
               "apprentice.finetune_learning_rate",
               "clip.learning_rate", "dino.learning_rate"):
-    if not _get(config, key) > 0:
-      raise ConfigError(f"{key} must be > 0, got {_get(config, key)!r}")
+    if not lookup(config, key) > 0:
+      raise ConfigError(f"{key} must be > 0, got {lookup(config, key)!r}")
   base_lr = config.apprentice.base_learning_rate
   if base_lr is not None and not base_lr >= 0:
     raise ConfigError(f"apprentice.base_learning_rate must be >= 0 (or unset), got {base_lr!r}")
@@ -384,12 +385,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"data.source is {config.data.source!r}: only the embedded world has an "
                       f"oracle; set it to 0")
   for key in ("pretrain.caption_dropout", "apprentice.text_dropout", "apprentice.demo_dropout"):
-    if not 0.0 <= _get(config, key) < 1.0:
-      raise ConfigError(f"{key} must be in [0, 1), got {_get(config, key)!r}")
+    if not 0.0 <= lookup(config, key) < 1.0:
+      raise ConfigError(f"{key} must be in [0, 1), got {lookup(config, key)!r}")
   for key in ("experts.guidance", "apprentice.guidance", "pretrain.sample_guidance",
               "apprentice.text_guidance", "apprentice.demo_guidance", "apprentice.buffer_wait_s"):
-    if _get(config, key) < 0:
-      raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
+    if lookup(config, key) < 0:
+      raise ConfigError(f"{key} must be >= 0, got {lookup(config, key)!r}")
   if not 0.5 < config.diffusion.dynamic_threshold_percentile <= 1.0:
     raise ConfigError(f"diffusion.dynamic_threshold_percentile must be in (0.5, 1], got "
                       f"{config.diffusion.dynamic_threshold_percentile}")

@@ -35,18 +35,9 @@ def _model_dir(config, name: str, trained_dir) -> str:
   value = config[name].path
   if not value:
     return str(trained_dir)
-  path = assets.resolve(value, f"{name}.path")
-  made = assets.provenance(path) if assets.is_embedded(value) else None
-  # A world CLIP or DINO knows one image size and one world rendering.
-  for key in ("image_size", "data.world.background_blur"):
-    want = config
-    for part in key.split("."):
-      want = want[part]
-    if made and key in made.get("config", {}) and made["config"][key] != want:
-      raise InputError(f"{name}.path {value!r} was made with {key}={made['config'][key]!r}; "
-                       f"this config has {key}={want!r}: train one in the run "
-                       f"(--config.{name}.path=) or use one made for it")
-  return str(path)
+  if assets.is_embedded(value):
+    assets.check_world_model(config, value, f"{name}.path")
+  return str(assets.resolve(value, f"{name}.path"))
 
 
 def load_clip(config, workdir) -> clip_lib.ClipScorer:
