@@ -220,9 +220,16 @@ def generate(model: Apprentice, trainable, frozen, demos: Sequence, prompt: str,
 # ------------------------------------------------------------------------------ Dream-SuTI
 
 @functools.lru_cache(maxsize=4)
-def _finetune_functions(model: Apprentice, learning_rate: float, seed: int):
+def _finetune_functions(model: Apprentice, learning_rate: float):
+  """(tx, jitted step(params, opt_state, frozen, batch, seed, step)). The seed is an argument,
+  not a constant of the program: evaluate fine-tunes every subject with its own seed, and a
+  compile per subject cost more than the fine-tuning itself."""
   tx = train_lib.make_optimizer("adafactor", learning_rate)
-  return tx, jax.jit(pretrain.make_train_step(model, tx, seed), donate_argnums=(1,))
+
+  def step_fn(params, opt_state, frozen, batch, seed, step):
+    return pretrain.make_train_step(model, tx, seed)(params, opt_state, frozen, batch, step)
+
+  return tx, jax.jit(step_fn, donate_argnums=(1,))
 
 
 def finetune_batches(images: np.ndarray, captions: Sequence[str] | None, batch_size: int,
@@ -254,15 +261,15 @@ def finetune(model: Apprentice, trainable, frozen, demos: Sequence, *,
   if len(images) < 2:
     raise InputError(f"Dream-SuTI fine-tuning needs >= 2 images of the subject (one as the "
                      f"demo, another as the target), got {len(images)}")
-  tx, step_fn = _finetune_functions(model, float(learning_rate or ac.finetune_learning_rate),
-                                    seed)
+  tx, step_fn = _finetune_functions(model, float(learning_rate or ac.finetune_learning_rate))
   params = jax.tree.map(jnp.array, trainable)  # a copy: the step donates its params
   opt_state = tx.init(params)
   loss = float("nan")
   for step in range(num_steps):
     batch = finetune_batches(images, captions, batch_size or ac.finetune_batch_size, step, seed,
                              model)
-    params, opt_state, metrics = step_fn(params, opt_state, frozen, batch, jnp.int32(step))
+    params, opt_state, metrics = step_fn(params, opt_state, frozen, batch, jnp.int32(seed),
+                                         jnp.int32(step))
     if callback is not None:
       callback(step, metrics)
     loss = metrics["loss"]

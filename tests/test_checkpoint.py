@@ -14,6 +14,7 @@ import pytest
 
 from suti import checkpoint
 from suti import config_lib
+from tests.conftest import device_flags
 
 NUM_STEPS, SAVE_AT = 8, 3
 TABLE = np.asarray(jax.random.normal(jax.random.key(42), (100, 6)))  # example index -> features
@@ -275,7 +276,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_restore_onto_template_shardings(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  env = {**os.environ, "XLA_FLAGS": device_flags(4),
          "JAX_PLATFORMS": "cpu"}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path)], env=env,

@@ -19,7 +19,7 @@ from suti import config_lib, plan, train_lib
 from suti.data import builder, pipeline
 from suti.data.types import SubjectCluster
 from suti.model import TextToImage
-from tests.conftest import REPO, load_config
+from tests.conftest import REPO, device_flags, load_config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def data_dir(tmp_path_factory):
 
 
 def _run(script, devices, *args):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  env = {**os.environ, "XLA_FLAGS": device_flags(devices),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -17,12 +17,13 @@ import pytest
 
 from suti import config_lib
 from suti import mesh as mesh_lib
+from tests.conftest import device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_with_devices(script, n=4):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+  env = {**os.environ, "XLA_FLAGS": device_flags(n),
          "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=300)

@@ -11,7 +11,7 @@ import pytest
 from suti import checkpoint, config_lib, pretrain, train_lib
 from suti.data import builder
 from suti.data import world as world_lib
-from tests.conftest import REPO, load_config
+from tests.conftest import REPO, device_flags, load_config
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_data_parallel_matches_one_device(data_workdir, tmp_path):
   results = {}
   for devices in (1, 2):
     workdir = _workdir(data_workdir, tmp_path / f"d{devices}")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=device_flags(2),
                PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", _DATA_PARALLEL, str(workdir), str(devices)],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
