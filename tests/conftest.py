@@ -18,6 +18,12 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+# tiny's UNet cut to one level, for checks about packing, planning or plumbing rather than the
+# network: XLA:CPU's compile time grows with a program's op count (config.model.update(...)).
+ONE_LEVEL = {"channel_mult": (1,), "attention_resolutions": (),
+             "cross_attention_resolutions": (16,)}
+
+
 def device_flags(devices: int) -> str:
   """XLA_FLAGS for a child Python with `devices` fake CPU devices (and the suite's flags)."""
   return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"

@@ -19,7 +19,7 @@ from suti import config_lib, plan, train_lib
 from suti.data import builder, pipeline
 from suti.data.types import SubjectCluster
 from suti.model import TextToImage
-from tests.conftest import REPO, device_flags, load_config
+from tests.conftest import ONE_LEVEL, REPO, device_flags, load_config
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,10 @@ _LAYOUT = """
   from suti.data import pipeline
   from suti.model import TextToImage
   from tests.conftest import load_config
+  from tests.conftest import ONE_LEVEL
 
   config = load_config("tiny")
+  config.model.update(ONE_LEVEL)
   config.experts.num_experts, config.experts.num_steps = 4, 4
   clusters = list(pipeline.ClusterSource(sys.argv[1], "train"))[:4]
   model = TextToImage(config)
@@ -172,6 +174,7 @@ def _clusters(data_dir, n):
 
 def _setup(num_experts=2, **experts):
   config = load_config("tiny")
+  config.model.update(ONE_LEVEL)
   config.experts.num_experts = num_experts
   config.experts.update(experts)
   model = TextToImage(config)
