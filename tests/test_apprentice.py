@@ -23,11 +23,14 @@ from suti.data import pipeline
 from suti.data import world as world_lib
 from suti.model import TextToImage
 from suti.nn.unet import count_params
-from tests.conftest import REPO, load_config
+from tests.conftest import ONE_LEVEL, REPO, load_config
 
 
 def _config(**apprentice):
   config = load_config("tiny")
+  # The Re-Imagen wiring on one level (demo attention in its down and up stack): compile time
+  # grows with op count; tests/test_pipeline.py runs tiny's two-level apprentice end to end.
+  config.model.update(ONE_LEVEL)
   config.apprentice.sample_steps = 4
   config.apprentice.log_every = 1
   config.apprentice.sample_every = 1000
@@ -132,7 +135,7 @@ def test_any_number_of_demos_gives_the_same_output_shape(models):
 def test_init_from_a_base_of_another_config_is_refused(models):
   config, model, *_ = models
   other = load_config("tiny")
-  other.model.channels = 8
+  other.model.update(ONE_LEVEL, channels=8)  # the models' network, but narrower
   other_params, _ = TextToImage(other).abstract_init()
   with pytest.raises(ValueError, match="shape"):
     model.init_from_base(other_params, jax.random.PRNGKey(0))
@@ -259,6 +262,12 @@ def test_dream_suti_finetuning_fits_the_subject(models):
     return np.mean([float(model.loss(p, frozen, b, jax.random.PRNGKey(k))) for k in range(4)])
 
   assert subject_loss(tuned) < subject_loss(params)
+  # Another seed (evaluate gives each subject its own) reuses the compiled step: compiling it
+  # per subject cost more than the fine-tuning.
+  gen.finetune(model, params, frozen, demos, num_steps=1, learning_rate=3e-3, batch_size=4,
+               seed=7)
+  _, step_fn = gen._finetune_functions(model, 3e-3)  # pylint: disable=protected-access
+  assert step_fn._cache_size() == 1  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------ the stage
