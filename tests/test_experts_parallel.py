@@ -113,8 +113,7 @@ _LAYOUT = """
   from suti import mesh as mesh_lib
   from suti.data import pipeline
   from suti.model import TextToImage
-  from tests.conftest import load_config
-  from tests.conftest import ONE_LEVEL
+  from tests.conftest import ONE_LEVEL, load_config
 
   config = load_config("tiny")
   config.model.update(ONE_LEVEL)
