@@ -160,8 +160,7 @@ def test_a_failed_expert_is_dropped_and_the_others_are_kept(base_workdir):
 
 
 _TWO_HOSTS = r"""
-import os, sys
-os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+import sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
@@ -179,13 +178,14 @@ def test_two_hosts_write_one_buffer_like_one_host(base_workdir, straight_run, tm
   import socket  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  from tests.conftest import REPO  # pylint: disable=import-outside-toplevel
+  from tests.conftest import REPO, device_flags  # pylint: disable=import-outside-toplevel
   workdir = _workdir_from(base_workdir, tmp_path / "w")
   with socket.socket() as s:
     s.bind(("localhost", 0))
     address = f"localhost:{s.getsockname()[1]}"
   procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, address, str(i), str(workdir)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=dict(os.environ, XLA_FLAGS=device_flags(2)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outputs):
