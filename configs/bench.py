@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.experts.delta_clip_threshold = -0.5  # the demo's lambda when the bench's table was made
   c.clip.path = c.dino.path = ""  # it trains its own scorers, as when the table was made
   c.clip.num_steps = 300
+  c.clip.identity_weight = 0.0  # no identity term then
   c.dino.num_steps = 150
   c.experts.num_experts = 16
   c.experts.num_rounds = 6

@@ -62,13 +62,18 @@ def get_config(arg=None):
 
   # Scoring models (stage `clip`): 8x8 patches a side at any size. At 16x16 the demo loads
   # the world CLIP and DINO shipped in the package (configs/world_scorers.py makes them from
-  # this section, ~5 minutes), as SuTI scores with a pre-trained CLIP and DINO.
+  # this section, ~9 minutes), as SuTI scores with a pre-trained CLIP and DINO.
   # `--config.clip.path= --config.dino.path=` (empty) trains them in the run.
   c.clip.path = "embedded:world_clip_16" if c.image_size == 16 else ""
   c.dino.path = "embedded:world_dino_16" if c.image_size == 16 else ""
   c.clip.patch_size = c.dino.patch_size = c.image_size // 8
-  c.clip.num_steps = 250
+  c.clip.num_steps = 1000
   c.clip.learning_rate = 2e-3
+  # Real CLIP's image embedding keeps an object's looks (web captions describe them), so
+  # DreamBench's CLIP-I measures identity; the world's captions cannot describe a subject's
+  # looks, and without this term its CLIP-I saw only the scene (identity AUC 0.45). 5 keeps
+  # the text side's retrieval and filter; 7 and 10 lose it (docs/RESULTS.md).
+  c.clip.identity_weight = 5.0
   c.dino.num_steps = 125
 
   # Base: ~55-140 images/s at 16x16 on 2 cores (CPU-dependent). At 16x16 the demo starts from

@@ -4,7 +4,7 @@
 SuTI scores with a pre-trained CLIP (the delta-CLIP filter, CLIP-T, CLIP-I) and DINO. The
 demo's are shipped in the package (suti/assets/, with asset.json saying how they were made),
 as the base is, so the demo's minutes go to SuTI itself. This config remakes them, about
-5 minutes on a 2-core CPU (training is deterministic: it remakes them byte for byte):
+9 minutes on a 2-core CPU (training is deterministic: it remakes them byte for byte):
 
   python -m suti.launch --config=configs/world_scorers.py --workdir=W
   python -m suti.assets W   # copies W/clip and W/dino to suti/assets/world_{clip,dino}_16

@@ -11,6 +11,13 @@ scores also recolour, accessorize and restyle. So three quarters of every batch 
 world's oracle (`World.render`) for random prompts of the whole grammar, as minimal pairs (see
 `make_transform`), from many subjects of the world's train split.
 
+Real CLIP's image embedding also keeps an object's looks, so DreamBench's CLIP-I tracks
+identity. The world's captions cannot describe a procedural subject's looks, and a CLIP
+trained on them alone saw the scene only (CLIP-I blind to identity). With
+`clip.identity_weight` each group adds three renders for an image-image term
+(`identity_loss`): a subject in one scene must match itself, background masked, in another,
+against another subject of its category there.
+
 Writes workdir/clip/: config.json, flax_model.msgpack, tokenizer files, preprocessor_config.json,
 checkpoints/ (resume), logs/ (TensorBoard, metrics.jsonl) and summary.json, written last: its
 presence marks the stage complete and re-running returns it.
@@ -47,6 +54,10 @@ WARMUP_STEPS = 50
 WEIGHT_DECAY = 1e-4
 _MAX_LOGIT_SCALE = 100.0  # as CLIP: exp(logit_scale) is clipped at 100
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+IDENTITY_VIEWS = 3         # the group's last three pairs (make_transform's identity_views)
+IDENTITY_TEMPERATURE = 0.1
+# Masked pixels get CLIP's normalisation mean, which the model sees as 0 (metrics.background_fill).
+_MASK_FILL = np.rint(255 * np.asarray(clip_lib.OPENAI_CLIP_MEAN)).astype(np.uint8)
 
 
 def stage_dir(workdir) -> pathlib.Path:
@@ -131,7 +142,13 @@ def vary_scene(scene: world_lib.Scene, rng: np.random.Generator) -> world_lib.Sc
   return dataclasses.replace(scene, **{field: None if value is None else str(value)})
 
 
-def make_transform(tokenizer, max_length, world=None, subjects=()):
+def identity_scene(rng: np.random.Generator) -> world_lib.Scene:
+  """A random scene that keeps the subject's own looks: any background and accessory, no
+  recolouring or restyling (those change what identity is measured on)."""
+  return dataclasses.replace(world_lib.random_scene(rng), color=None, style=None)
+
+
+def make_transform(tokenizer, max_length, world=None, subjects=(), identity_views=False):
   """grain random_transform: record -> {'image', 'ids', 'mask'} for a group of pairs.
 
   Without `subjects` (no world oracle) the group is the record's own pair. With them, each
@@ -142,6 +159,13 @@ def make_transform(tokenizer, max_length, world=None, subjects=()):
   tell captions apart, and the delta-CLIP filter asks exactly that: the expert's sample and the
   demos show the same subject and differ in the prompt's skills. Drawing A and B from many
   subjects, not the dataset's few, stops the model from naming categories by their textures.
+
+  With `identity_views` three more oracle pairs follow, for `identity_loss`:
+    (A, scene2), (A, scene3), (C, scene3), C another subject of A's category,
+  scene2 and scene3 in their own layouts and without colour or style skills, and the last two
+  with their backgrounds masked out. The captions cannot tell A from C (they name a category
+  and a scene); only the subject's pixels can. As for the world DINO (identity_train), the
+  masked positive holds only the subject, so matching it means looking past the anchor's scene.
   """
 
   @functools.lru_cache(maxsize=None)  # the grammar is finite: tokenize each sentence once
@@ -156,6 +180,17 @@ def make_transform(tokenizer, max_length, world=None, subjects=()):
       if subject.category != avoid_category:
         return subject
 
+  by_category = {}
+  for subject in subjects:
+    by_category.setdefault(subject.category, []).append(subject)
+
+  def pick_same_category(rng, subject):
+    others = [s for s in by_category[subject.category] if s.subject_id != subject.subject_id]
+    if not others:
+      raise ValueError(f"clip.identity_weight needs two subjects of category "
+                       f"{subject.category!r} in the oracle's pool; it has one")
+    return others[int(rng.integers(len(others)))]
+
   def transform(record, rng):
     pairs = [(record["image"], record["caption"])]
     if len(subjects):
@@ -163,9 +198,18 @@ def make_transform(tokenizer, max_length, world=None, subjects=()):
       seed = int(rng.integers(2**31))
       a = pick(rng)
       b = pick(rng, avoid_category=a.category)
-      for subject, s in ((a, scene), (a, vary_scene(scene, rng)), (b, scene)):
+      views = [(a, scene, seed), (a, vary_scene(scene, rng), seed), (b, scene, seed)]
+      if identity_views:
+        scene2, scene3 = identity_scene(rng), identity_scene(rng)
+        seed2, seed3 = int(rng.integers(2**31)), int(rng.integers(2**31))
+        c = pick_same_category(rng, a)
+        views += [(a, scene2, seed2), (a, scene3, seed3), (c, scene3, seed3)]
+      for k, (subject, s, layout) in enumerate(views):
         caption = world.prompt(subject, s)
-        pairs.append((world.render(subject, caption, seed)[0], caption))
+        image, subject_mask = world.render(subject, caption, layout)
+        if identity_views and k >= len(views) - 2:  # the positive and its twin: subject alone
+          image = np.where(subject_mask[..., None], image, _MASK_FILL).astype(np.uint8)
+        pairs.append((image, caption))
     ids, mask = zip(*(encode(caption) for _, caption in pairs))
     return {"image": np.stack([np.asarray(image, np.uint8) for image, _ in pairs]),
             "ids": np.stack(ids), "mask": np.stack(mask)}
@@ -232,21 +276,51 @@ def contrastive_loss(image_emb, text_emb, ids, logit_scale):
   return loss, accuracy
 
 
-def make_train_step(model, tx, image_size, mean, std):
+def identity_loss(anchor_emb, positive_emb, negative_emb):
+  """InfoNCE over images: each anchor must pick its own subject in another scene (positive)
+  out of every record's positive and hard negative (another subject of its category, in the
+  positive's scene and layout). Returns (loss, accuracy).
+
+  Real CLIP's image embedding keeps an object's looks because web captions describe them;
+  the world's captions cannot (identities are procedural), so this term stands in for them
+  and lets CLIP-I measure identity as it does on photos. Fixed temperature: the CLIP's own
+  logit scale stays the text contrast's.
+  """
+  anchor = clip_lib.l2_normalize(anchor_emb)
+  candidates = clip_lib.l2_normalize(jnp.concatenate([positive_emb, negative_emb]))
+  logits = anchor @ candidates.T / IDENTITY_TEMPERATURE
+  labels = jnp.arange(len(anchor))
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, jnp.mean(jnp.argmax(logits, axis=1) == labels)
+
+
+def make_train_step(model, tx, image_size, mean, std, identity_weight: float = 0.0):
   def loss_fn(params, batch):
-    pixels = clip_lib.preprocess(batch["image"], image_size, mean, std)
-    image_emb = model.get_image_features(pixels, params=params)
-    text_emb = model.get_text_features(batch["ids"], attention_mask=batch["mask"], params=params)
-    return contrastive_loss(image_emb, text_emb, batch["ids"], params["logit_scale"])
+    records, group = batch["ids"].shape[:2]
+    flatten = lambda x: x.reshape((-1,) + x.shape[2:])  # [records, group, ...] -> [pairs, ...]
+    pixels = clip_lib.preprocess(flatten(batch["image"]), image_size, mean, std)
+    image_emb = model.get_image_features(pixels, params=params).reshape(records, group, -1)
+    # The identity views stay out of the text contrast: their captions cannot tell A from its
+    # twin, so it would pull the two images together, against identity_loss.
+    texts = group - IDENTITY_VIEWS if identity_weight else group
+    ids, mask = batch["ids"][:, :texts], batch["mask"][:, :texts]
+    text_emb = model.get_text_features(flatten(ids), attention_mask=flatten(mask), params=params)
+    text_loss, accuracy = contrastive_loss(flatten(image_emb[:, :texts]), text_emb, flatten(ids),
+                                           params["logit_scale"])
+    metrics = {"text_loss": text_loss, "accuracy": accuracy}
+    loss = text_loss
+    if identity_weight:
+      views = image_emb[:, texts:]
+      id_loss, id_accuracy = identity_loss(views[:, 0], views[:, 1], views[:, 2])
+      loss = loss + identity_weight * id_loss
+      metrics.update(identity_loss=id_loss, identity_accuracy=id_accuracy)
+    return loss, metrics
 
   def train_step(params, opt_state, batch):
-    # [records, group, ...] -> [pairs, ...]
-    batch = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "accuracy": accuracy,
-                               "grad_norm": optax.tree.norm(grads),
+    return params, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
                                "logit_scale": jnp.exp(params["logit_scale"])}
 
   return train_step
@@ -362,10 +436,12 @@ def train_world_clip(config, workdir) -> dict:
   # no oracle, plain pairs.
   pool = (world.train_pool(ORACLE_SUBJECTS)
           if all(pairs.cluster(i).spec for i in range(pairs.num_subjects)) else [])
-  group = 4 if pool else 1
+  identity_views = bool(pool) and cc.identity_weight > 0
+  group = (4 + IDENTITY_VIEWS * identity_views) if pool else 1
   records = max(1, cc.batch_size // group)  # batch_size counts pairs
   data = make_iterator(pairs, batch_size=records, seed=config.seed,
-                       random_transform=make_transform(tokenizer, cc.max_length, world, pool))
+                       random_transform=make_transform(tokenizer, cc.max_length, world, pool,
+                                                       identity_views))
   tx = make_optimizer(cc.learning_rate, cc.num_steps)
   opt_state = tx.init(params)
   ckpt = checkpoint_lib.Checkpoints.from_config(out / "checkpoints", config)
@@ -376,7 +452,8 @@ def train_world_clip(config, workdir) -> dict:
     data.set_state(restored.data_state)
     log.info("clip: resumed from step %d", step)
 
-  train_step = jax.jit(make_train_step(model, tx, config.image_size, mean, std),
+  train_step = jax.jit(make_train_step(model, tx, config.image_size, mean, std,
+                                       cc.identity_weight if identity_views else 0.0),
                        donate_argnums=(0, 1))
   writer = train_lib.MetricWriter(out / "logs")
   throughput = train_lib.Throughput()

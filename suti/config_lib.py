@@ -122,6 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.num_heads = 4
   c.clip.patch_size = 4
   c.clip.max_length = 16
+  # World CLIP: weight of an image-image term that makes its image embedding keep a subject's
+  # looks across scenes, as real CLIP's does, so CLIP-I measures identity (clip_train).
+  c.clip.identity_weight = 0.0
   c.dino = ml_collections.ConfigDict()
   c.dino.path = ""        # local HF ViT directory (e.g. DINO ViT-S/16)
   c.dino.num_steps = 500
@@ -377,6 +380,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if base_lr is not None and config.apprentice.freeze_base:
     raise ConfigError("apprentice.base_learning_rate is set but apprentice.freeze_base is "
                       "True: a frozen base does not train; unset one of them")
+  if not config.clip.identity_weight >= 0:
+    raise ConfigError(f"clip.identity_weight must be >= 0, got {config.clip.identity_weight!r}")
   if not 0.0 <= config.pretrain.oracle_fraction <= 1.0:
     raise ConfigError(f"pretrain.oracle_fraction must be in [0, 1], got "
                       f"{config.pretrain.oracle_fraction!r}")

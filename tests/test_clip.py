@@ -274,6 +274,92 @@ def test_contrastive_loss_does_not_punish_duplicate_captions():
   assert float(unmasked) > 0.4  # ~ (2/3) log 2: the twin counted as a negative
 
 
+def test_identity_loss_asks_for_the_subject_not_the_scene():
+  # Two records. Embedding axes: subjects 0-3, then scenes x and y.
+  def emb(subject, scene):
+    x = np.zeros(6)
+    x[subject], x[4 + scene] = 1.0, 1.0
+    return x
+  anchor = np.stack([emb(0, 0), emb(2, 0)])
+  positive = np.stack([emb(0, 1), emb(2, 1)])  # own subject, another scene
+  twin = np.stack([emb(1, 1), emb(3, 1)])      # another subject, the positive's scene
+  loss_fn = jax.jit(clip_train.identity_loss)
+  loss, accuracy = loss_fn(anchor, positive, twin)
+  assert float(accuracy) == 1.0
+  # Each anchor: cosine 0.5 to its positive (the subject), 0 to the three others.
+  logits = np.array([0.5, 0.0, 0.0, 0.0]) / clip_train.IDENTITY_TEMPERATURE
+  expected = -(logits[0] - np.log(np.exp(logits).sum()))
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
+  # An embedding of the scene alone cannot tell the positive from the twin.
+  scene_only = [x * (np.arange(6) >= 4) for x in (anchor, positive, twin)]
+  loss_scene, accuracy_scene = loss_fn(*scene_only)
+  assert float(loss_scene) == pytest.approx(np.log(4), rel=1e-5)
+  assert float(accuracy_scene) <= 0.5
+
+
+def test_identity_views_show_one_subject_in_two_scenes_and_a_twin(tmp_path):
+  config = load_config("tiny")
+  world = world_lib.from_config(config)
+  pool = world.train_pool(64)
+  tokenizer = clip_train.save_world_tokenizer(tmp_path)
+  record = {"image": np.zeros((config.image_size,) * 2 + (3,), np.uint8),
+            "caption": "a star on the grass"}
+  plain = clip_train.make_transform(tokenizer, 16, world, pool)
+  transform = clip_train.make_transform(tokenizer, 16, world, pool, identity_views=True)
+  assert plain(record, np.random.default_rng(0))["image"].shape[0] == 4
+  for seed in range(8):
+    out = transform(record, np.random.default_rng(seed))
+    assert out["image"].shape[0] == 4 + clip_train.IDENTITY_VIEWS == out["ids"].shape[0]
+    captions = [tokenizer.decode(ids, skip_special_tokens=True).strip()
+                for ids in out["ids"][-3:]]
+    scenes = [world.parse_prompt(c) for c in captions]
+    # A, A, then C: one category, so the captions cannot tell A from C.
+    assert len({world_lib.parse(c)[0] for c in captions}) == 1
+    assert all(s.color is None and s.style is None for s in scenes)
+    assert captions[1] == captions[2]  # C in A's second scene, same layout...
+    positive, twin = out["image"][-2].astype(int), out["image"][-1].astype(int)
+    assert np.abs(positive - twin).sum() > 0  # ...yet another subject's pixels
+    for image in (positive, twin):  # on a masked background
+      assert (image == clip_train._MASK_FILL).all(-1).mean() > 0.2  # pylint: disable=protected-access
+  # One subject of each category: no twin to draw.
+  one_each = [next(s for s in pool if s.category == c) for c in ("star", "ball")]
+  with pytest.raises(ValueError, match="two subjects of category"):
+    clip_train.make_transform(tokenizer, 16, world, one_each, identity_views=True)(
+        record, np.random.default_rng(0))
+
+
+def test_identity_term_trains_on_its_views_and_leaves_the_text_contrast_alone(tmp_path):
+  config = load_config("tiny")
+  world = world_lib.from_config(config)
+  tokenizer = clip_train.save_world_tokenizer(tmp_path)
+  vocab = tokenizer.get_vocab()
+  model = transformers.FlaxCLIPModel(
+      clip_train.world_clip_config(config, len(vocab), vocab["<|startoftext|>"],
+                                   vocab["<|endoftext|>"]), _do_init=False)
+  transform = clip_train.make_transform(tokenizer, config.clip.max_length, world,
+                                        world.train_pool(64), identity_views=True)
+  record = {"image": np.zeros((config.image_size,) * 2 + (3,), np.uint8),
+            "caption": "a star on the grass"}
+  groups = [transform(record, np.random.default_rng(seed)) for seed in range(6)]
+  batch = {k: np.stack([g[k] for g in groups]) for k in groups[0]}  # [6 records, 7, ...]
+  size, mean, std = config.image_size, clip_lib.OPENAI_CLIP_MEAN, clip_lib.OPENAI_CLIP_STD
+  tx = clip_train.make_optimizer(3e-3, 40)
+  params = clip_train.init_params(model, 0)
+  with_identity = jax.jit(clip_train.make_train_step(model, tx, size, mean, std, 1.0))
+  text_only = jax.jit(clip_train.make_train_step(model, tx, size, mean, std))
+  opt_state = tx.init(params)
+  # The text contrast sees the first four pairs of a group only.
+  _, _, first = with_identity(params, opt_state, batch)
+  _, _, plain = text_only(params, opt_state, {k: v[:, :4] for k, v in batch.items()})
+  assert float(first["text_loss"]) == pytest.approx(float(plain["loss"]), rel=1e-5)
+  assert float(first["loss"]) == pytest.approx(
+      float(first["text_loss"]) + float(first["identity_loss"]), rel=1e-5)
+  # Its gradient reaches the image tower: fitting one batch, the identity loss falls.
+  for _ in range(40):
+    params, opt_state, metrics = with_identity(params, opt_state, batch)
+  assert float(metrics["identity_loss"]) < 0.5 * float(first["identity_loss"])
+
+
 class _Interrupted(Exception):
   pass
 

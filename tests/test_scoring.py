@@ -67,12 +67,17 @@ def test_launch_trains_both_world_models_and_reuses_them(tmp_path, monkeypatch):
   workdir = tmp_path / "w"
   args = [sys.executable, "-m", "suti.launch", "--config=configs/tiny.py",
           f"--workdir={workdir}", "--stages=data,clip", "--config.clip.num_steps=10",
-          "--config.dino.num_steps=10"]
+          "--config.dino.num_steps=10", "--config.clip.identity_weight=5.0"]  # as the demo's
   first = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
   assert first.returncode == 0, first.stderr[-3000:]
   summary = json.loads(first.stdout.strip().splitlines()[-1])["clip"]
   del summary["seconds"]  # launch's wall time for the stage
   assert summary["clip"]["steps"] == 10 and summary["dino"]["num_steps"] == 10
+  logged = [m for m in clip_train.train_lib.read_metrics(workdir / "clip" / "logs")
+            if "loss" in m][-1]
+  assert logged["loss"] == pytest.approx(logged["text_loss"] + 5.0 * logged["identity_loss"],
+                                         rel=1e-4)
+  assert summary["clip"]["pairs_per_step"] == 4 * (4 + clip_train.IDENTITY_VIEWS)  # 32 // 7
   for name in ("clip", "dino"):
     for file in ("config.json", "flax_model.msgpack", "preprocessor_config.json",
                  "summary.json"):
