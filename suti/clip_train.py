@@ -437,6 +437,9 @@ def train_world_clip(config, workdir) -> dict:
   pool = (world.train_pool(ORACLE_SUBJECTS)
           if all(pairs.cluster(i).spec for i in range(pairs.num_subjects)) else [])
   identity_views = bool(pool) and cc.identity_weight > 0
+  if cc.identity_weight > 0 and not pool:
+    log.warning("clip.identity_weight=%s needs the world's oracle renders; these subjects have "
+                "none (real photos), so the CLIP trains on its pairs alone", cc.identity_weight)
   group = (4 + IDENTITY_VIEWS * identity_views) if pool else 1
   records = max(1, cc.batch_size // group)  # batch_size counts pairs
   data = make_iterator(pairs, batch_size=records, seed=config.seed,
