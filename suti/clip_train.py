@@ -41,6 +41,7 @@ import optax
 from suti import checkpoint as checkpoint_lib
 from suti import clip as clip_lib
 from suti import files
+from suti import metrics
 from suti import train_lib
 from suti.data import pipeline
 from suti.data import world as world_lib
@@ -56,7 +57,8 @@ _MAX_LOGIT_SCALE = 100.0  # as CLIP: exp(logit_scale) is clipped at 100
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 IDENTITY_VIEWS = 3         # the group's last three pairs (make_transform's identity_views)
 IDENTITY_TEMPERATURE = 0.1
-# Masked pixels get CLIP's normalisation mean, which the model sees as 0 (metrics.background_fill).
+# Masked pixels get CLIP's normalisation mean, which the model sees as 0: what
+# metrics.background_fill gives a ClipScorer (the training loop has no scorer yet).
 _MASK_FILL = np.rint(255 * np.asarray(clip_lib.OPENAI_CLIP_MEAN)).astype(np.uint8)
 
 
@@ -208,7 +210,7 @@ def make_transform(tokenizer, max_length, world=None, subjects=(), identity_view
         caption = world.prompt(subject, s)
         image, subject_mask = world.render(subject, caption, layout)
         if identity_views and k >= len(views) - 2:  # the positive and its twin: subject alone
-          image = np.where(subject_mask[..., None], image, _MASK_FILL).astype(np.uint8)
+          image = metrics.mask_background(image[None], subject_mask[None], _MASK_FILL)[0]
         pairs.append((image, caption))
     ids, mask = zip(*(encode(caption) for _, caption in pairs))
     return {"image": np.stack([np.asarray(image, np.uint8) for image, _ in pairs]),
