@@ -262,8 +262,12 @@ def finetune(model: Apprentice, trainable, frozen, demos: Sequence, *,
     raise InputError(f"Dream-SuTI fine-tuning needs >= 2 images of the subject (one as the "
                      f"demo, another as the target), got {len(images)}")
   tx, step_fn = _finetune_functions(model, float(learning_rate or ac.finetune_learning_rate))
-  params = jax.tree.map(jnp.array, trainable)  # a copy: the step donates its params
-  opt_state = tx.init(params)
+  # Params (a copy: the step donates them) and optimizer state committed to one device, as
+  # the step's outputs are: restored params are committed and tx.init's zeros are not, and
+  # that difference recompiled the step at step 1 (a second ~60 s compile in tiny's evaluate).
+  device = jax.tree.leaves(trainable)[0].sharding
+  params = jax.device_put(jax.tree.map(jnp.array, trainable), device)
+  opt_state = jax.device_put(tx.init(params), device)
   loss = float("nan")
   for step in range(num_steps):
     batch = finetune_batches(images, captions, batch_size or ac.finetune_batch_size, step, seed,

@@ -220,7 +220,16 @@ def expert_rng(base_rng, round_, expert_id, step):
 
 
 def _tree_all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+  """Whether every leaf is all finite, combined by a dot, not jnp.all.
+
+  Under vmap the NaN guard's cond becomes a select per param and optimizer leaf, and XLA
+  rewrote a boolean reduction over the leaves' flags into elementwise 'and's that it then
+  fused into every one of those selects: ~10^5 instructions, which made the packed step's
+  compile 4-7x the single expert's (demo UNet, 8 experts: 203 s; with the dot, 62 s).
+  XLA does not fuse a dot into its elementwise consumers."""
+  flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+  flags = flags.astype(jnp.float32)
+  return jnp.dot(flags, jnp.ones_like(flags)) == flags.shape[0]
 
 
 def make_single_step(model: TextToImage, tx: optax.GradientTransformation, seed: int):
