@@ -1,4 +1,4 @@
-"""Demo: the whole SuTI pipeline on the embedded world, sized for a 2-core CPU (16-28 minutes).
+"""Demo: the whole SuTI pipeline on the embedded world, sized for a 2-core CPU (24 min on Zen 3).
 
 `python -m suti.launch --config=configs/demo.py` runs clip -> pretrain -> experts -> apprentice
 -> evaluate -> export. At 16x16 `pretrain` loads the base shipped in the package
@@ -7,7 +7,7 @@ dataset's pairs and oracle renders of the whole caption grammar), as SuTI starts
 pre-trained model, and `clip` loads the shipped world CLIP and DINO
 (configs/world_scorers.py). Images are 16x16: on 2 cores that is the size at which a base
 model learns the world's scenes and coloured subjects (docs/RESULTS.md, issue 7). Cold, it
-takes 28 minutes on a 2-core Zen 3 CPU, about 16 on a Zen 4 with AVX-512.
+takes 24 minutes on a 2-core Zen 3 CPU (experts 6, apprentice 13.5, evaluate 4).
 configs/bench.py is the same pipeline with more of everything (about 2 hours). `:32` and `:64`
 select larger images with the same network shape (attention at the same fractions of the
 image); they need far more pre-training than the demo's to draw subjects.
@@ -96,9 +96,9 @@ def get_config(arg=None):
   c.pretrain.sample_guidance = 2.0
 
   # Experts: 8 packed in one step, 4 rounds, each sampling all 4 of its unseen prompts twice.
-  # 8, not 16: on CPU the packed step's compile grows with the pack (first round, cold: 167 s
-  # at 8, 237 s at 16), and evaluate's 8 held-out subjects fill one pack of the same shape,
-  # so evaluate reuses the experts' compiled step (its experts: 24.2 -> 6.1 s a subject).
+  # 8, not 16: evaluate's 8 held-out subjects fill one pack of the same shape, so evaluate
+  # reuses the experts' compiled step (its experts: 24.2 -> 6.1 s a subject). The 8-expert
+  # step compiles in ~60 s on 2 cores (203 s before the NaN guard's fix; RESULTS, issue 7).
   c.experts.num_experts = 8
   c.experts.num_rounds = 4
   c.experts.num_steps = 80

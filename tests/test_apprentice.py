@@ -266,6 +266,11 @@ def test_dream_suti_finetuning_fits_the_subject(models):
   # per subject cost more than the fine-tuning.
   gen.finetune(model, params, frozen, demos, num_steps=1, learning_rate=3e-3, batch_size=4,
                seed=7)
+  # Params committed to a device, as evaluate's are (restored from a checkpoint), over two
+  # steps: the optimizer state's fresh zeros once recompiled the step at step 1.
+  committed = jax.device_put(params, jax.devices()[0])
+  gen.finetune(model, committed, frozen, demos, num_steps=2, learning_rate=3e-3, batch_size=4,
+               seed=8)
   _, step_fn = gen._finetune_functions(model, 3e-3)  # pylint: disable=protected-access
   assert step_fn._cache_size() == 1  # pylint: disable=protected-access
 

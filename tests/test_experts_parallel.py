@@ -297,6 +297,24 @@ def test_split_convolutions_match_grouped_and_restore_the_rule():
   assert table[prim] is rule
 
 
+def test_finite_guard_flags_each_expert_and_is_compiled_once_not_per_leaf():
+  """The NaN guard's flag, vmapped over experts, marks only the expert with a NaN or inf; in
+  the compiled program it is computed once, not re-fused into each leaf's select: with a
+  boolean reduction XLA made 40 x 40 'and' instructions for 40 leaves (a packed UNet step
+  took minutes to compile), with the dot it makes one per leaf."""
+  tree = {f"w{i:02d}": jnp.ones((3, 3, 5)) for i in range(40)}
+  tree["w07"] = tree["w07"].at[1, 2, 4].set(jnp.nan).at[2, 0, 0].set(jnp.inf)
+  flags = jax.jit(jax.vmap(parallel._tree_all_finite))(tree)  # pylint: disable=protected-access
+  assert flags.tolist() == [True, False, False]
+
+  def guard(t):
+    ok = parallel._tree_all_finite(t)  # pylint: disable=protected-access
+    return jax.tree.map(lambda x: jnp.where(ok, x * 0.5, x), t)
+
+  compiled = jax.jit(jax.vmap(guard)).lower(tree).compile().as_text()
+  assert compiled.count(" and(") <= 2 * len(tree), compiled.count(" and(")
+
+
 def test_round_functions_are_shared_by_models_of_one_config():
   """evaluate loads its own base model; its experts must not recompile the experts' step."""
   config = load_config("tiny")
