@@ -150,7 +150,9 @@ def summary(k, times, first, batch_per_expert, **extra):
 
 
 def hlo_facts(config, model, unet, shared, k, pack):
-  """Grouped convolutions and their feature_group_count in the compiled one-device step."""
+  """The compiled one-device step: its compile seconds, grouped convolutions and their
+  feature_group_count, and counts of scalar-heavy instructions (the NaN guard's blow-up showed
+  as ~10^5 `and`s; docs/RESULTS.md, issue 7, 2026-11-30)."""
   ec = config.experts
   tx = train_lib.make_optimizer(ec.optimizer, ec.learning_rate)
   stacked = jax.eval_shape(lambda u: parallel.stack_experts(u, k), unet)
@@ -163,10 +165,15 @@ def hlo_facts(config, model, unet, shared, k, pack):
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   lowered = jax.jit(fn).lower(stacked, opt_state, shared, batch, scalar,
                               jax.ShapeDtypeStruct((k,), jnp.int32), scalar)
+  start = time.perf_counter()
   text = lowered.compile().as_text()
+  compile_seconds = time.perf_counter() - start
   convs = [l for l in text.splitlines() if " convolution(" in l]
   groups = [int(g) for g in re.findall(r"feature_group_count=(\d+)", "\n".join(convs))]
-  return {"convolutions": len(convs), "grouped_convolutions": len(groups),
+  return {"compile_seconds": round(compile_seconds, 2), "hlo_chars": len(text),
+          "and": text.count(" and("), "add": text.count(" add("),
+          "select": text.count(" select("),
+          "convolutions": len(convs), "grouped_convolutions": len(groups),
           "feature_group_counts": sorted(set(groups)),
           "flops": plan.cost_dict(lowered.cost_analysis()).get("flops", float("nan"))}
 
