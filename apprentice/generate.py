@@ -97,17 +97,25 @@ def read_demos(demos: Sequence, size: int) -> np.ndarray:
   return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
-def demo_batch(model: Apprentice, demos: np.ndarray, captions: Sequence[str] | None) -> dict:
-  """uint8 [N, H, W, 3] and N captions (None: none) -> one example's demo inputs [1, N, ...]."""
+def demo_batch(model: Apprentice, demos: np.ndarray, captions: Sequence[str] | None,
+               pad_to: int = 0) -> dict:
+  """uint8 [N, H, W, 3] and N captions (None: none) -> one example's demo inputs [1, N, ...].
+
+  pad_to > N adds masked slots (blank image, no caption, demo_mask False) up to pad_to: the
+  model ignores them, and every demo count up to pad_to shares one compiled sampler."""
   n = len(demos)
   captions = [""] * n if captions is None else [c or "" for c in captions]
   if len(captions) != n:
     raise InputError(f"{len(captions)} captions for {n} demos: give one per demo, or none")
+  slots = max(n, pad_to)
+  demos = np.concatenate([demos, np.zeros((slots - n, *demos.shape[1:]), demos.dtype)])
   tokens = model.tokenize(captions) if n else {
       k: np.zeros((0, model.text.max_length), d) for k, d in (("ids", np.int32), ("mask", bool))}
+  tokens = {k: np.concatenate([v, np.zeros((slots - n, *v.shape[1:]), v.dtype)])
+            for k, v in tokens.items()}
   return {"demo_images": train_lib.to_model_space(demos)[None],
           "demo_ids": tokens["ids"][None], "demo_id_mask": tokens["mask"][None],
-          "demo_mask": np.ones((1, n), bool)}
+          "demo_mask": (np.arange(slots) < n)[None]}
 
 
 def available_memory_bytes(device=None) -> int:
@@ -190,9 +198,10 @@ def generate(model: Apprentice, trainable, frozen, demos: Sequence, prompt: str,
              captions: Sequence[str] | None = None, num_images: int = 4, seed: int = 0,
              sampler: str | None = None, steps: int | None = None,
              guidance: Guidance | None = None, cache: bool = True,
-             check_memory: bool = True) -> np.ndarray:
+             check_memory: bool = True, pad_demos_to: int = 0) -> np.ndarray:
   """uint8 [num_images, H, W, 3]: the demos' subject as `prompt` describes. Deterministic
-  for a seed. sampler/steps default to config.apprentice's (DDPM, as the paper)."""
+  for a seed. sampler/steps default to config.apprentice's (DDPM, as the paper).
+  pad_demos_to: see `demo_batch` (the same images, one compile for fewer demos)."""
   ac = model.config.apprentice
   if not isinstance(prompt, str):
     raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -200,10 +209,10 @@ def generate(model: Apprentice, trainable, frozen, demos: Sequence, prompt: str,
     raise InputError(f"num_images must be >= 1, got {num_images}")
   guidance = guidance or Guidance.from_config(model.config)
   images = read_demos(demos, model.image_size)
-  batch = demo_batch(model, images, captions)
+  batch = demo_batch(model, images, captions, pad_to=pad_demos_to)
   branches, _ = guidance.branches()
   if check_memory:
-    check_demo_memory(model, len(images), num_images * len(branches))
+    check_demo_memory(model, batch["demo_mask"].shape[1], num_images * len(branches))
   conds, weights = conditions(model, trainable, frozen, prompt, batch, num_images, guidance,
                               cache=cache)
   denoise, params = ((model.denoise_fn, trainable["unet"]) if cache

@@ -59,6 +59,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from bench_pretrain import load_config  # pylint: disable=wrong-import-position
 from experts import parallel  # pylint: disable=wrong-import-position
+from suti import hostmem  # pylint: disable=wrong-import-position
 from suti import mesh as mesh_lib  # pylint: disable=wrong-import-position
 from suti import plan  # pylint: disable=wrong-import-position
 from suti import train_lib  # pylint: disable=wrong-import-position
@@ -238,4 +239,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # what suti.launch runs with
   main()

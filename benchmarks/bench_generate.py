@@ -34,6 +34,7 @@ from apprentice import generate as gen  # pylint: disable=wrong-import-position
 from apprentice.model import Apprentice  # pylint: disable=wrong-import-position
 from bench_pretrain import load_config  # pylint: disable=wrong-import-position
 from experts import parallel  # pylint: disable=wrong-import-position
+from suti import hostmem  # pylint: disable=wrong-import-position
 from suti.data import world as world_lib  # pylint: disable=wrong-import-position
 from suti.model import TextToImage  # pylint: disable=wrong-import-position
 
@@ -117,4 +118,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # what suti.launch runs with
   main()

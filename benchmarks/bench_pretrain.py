@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import matmul_peak
+from suti import hostmem
 from suti import plan
 from suti import pretrain
 from suti import train_lib
@@ -168,4 +169,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # what suti.launch runs with
   main()

@@ -37,6 +37,7 @@ import optax  # pylint: disable=wrong-import-position
 from apprentice import data as data_lib  # pylint: disable=wrong-import-position
 from apprentice.model import Apprentice, new_layer_labels  # pylint: disable=wrong-import-position
 from bench_pretrain import load_config  # pylint: disable=wrong-import-position
+from suti import hostmem  # pylint: disable=wrong-import-position
 from suti import config_lib, diffusion, pretrain, train_lib  # pylint: disable=wrong-import-position
 from suti.data import pipeline  # pylint: disable=wrong-import-position
 from suti.data import world as world_lib  # pylint: disable=wrong-import-position
@@ -143,4 +144,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # what suti.launch runs with
   main()

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_pretrain
+from suti import hostmem
 from suti import pretrain
 from suti import train_lib
 from suti.model import TextToImage
@@ -60,4 +61,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # what suti.launch runs with
   main()

@@ -158,8 +158,11 @@ def run_suti(config, models, clusters, prompts, *, num_demos=None, finetune=Fals
     if finetune:
       subject_params, _ = gen.finetune(model, params, frozen, list(cluster.images),
                                        captions=list(cluster.captions), seed=config.seed + i)
+    # Fewer demos than num_inference_demos (the curve, small clusters) ride in masked slots:
+    # the same images, and one compiled sampler for every point of the curve.
     out = [gen.generate(model, subject_params, frozen, demos, p, captions=captions,
-                        num_images=ev.images_per_prompt, seed=config.seed + i)
+                        num_images=ev.images_per_prompt, seed=config.seed + i,
+                        pad_demos_to=ac.num_inference_demos)
            for p in ps]
     images.append(np.concatenate(out))
     seconds.append(time.perf_counter() - start)

@@ -20,6 +20,8 @@ import time
 from absl import app
 from absl import flags
 
+from suti import hostmem
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Apprentice checkpoint directory.")
 _DEMOS = flags.DEFINE_multi_string("demo", [], "A demo image of the subject (repeat: 3-5).")
 _CAPTIONS = flags.DEFINE_multi_string("caption", [], "Optional caption per demo, in order.")
@@ -96,4 +98,5 @@ def generate_to_files() -> dict:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # before jax starts: XLA:CPU's buffers on huge pages
   app.run(main)

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from suti import config_lib
 from suti import files
+from suti import hostmem
 
 # Stage name -> module with `run(config, workdir) -> dict`. Stages of config_lib.PIPELINE_ORDER
 # that are missing here are not built yet; asking for one is an error before any work starts.
@@ -129,4 +130,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # before jax starts: XLA:CPU's buffers on huge pages
   app.run(main)

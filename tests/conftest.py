@@ -12,6 +12,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # about a third faster and changes no test's outcome. Subprocesses inherit it (device_flags).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# XLA:CPU's per-step buffers on huge pages, as `python -m suti.launch` runs (suti/hostmem.py).
+# glibc reads it when a process starts: the xdist workers and the subprocesses get it.
+from suti import hostmem  # pylint: disable=wrong-import-position
+_HUGE_PAGES = hostmem.with_huge_pages(os.environ)
+if _HUGE_PAGES and hostmem.huge_pages_available():
+  os.environ["GLIBC_TUNABLES"] = _HUGE_PAGES["GLIBC_TUNABLES"]
 
 import pytest
 

@@ -229,6 +229,26 @@ def test_generate_is_deterministic_for_a_seed_and_resizes_demos(models, tmp_path
   assert np.abs(a.astype(int) - c).max() > 0
 
 
+def test_padded_demo_slots_change_nothing_and_share_one_compile(models):
+  config, model, _, _, frozen, params = models
+  trained = _perturbed(params, 5)
+  demos, captions = _demos(3, seed=3), ["a ball", "", "a ball on grass"]
+  batch = gen.demo_batch(model, np.stack(demos[:2]), captions[:2], pad_to=4)
+  assert batch["demo_images"].shape[1] == 4 and batch["demo_mask"].tolist() == [
+      [True, True, False, False]]
+  draw = lambda n, pad: gen.generate(model, trained, frozen, demos[:n], "a red ball",
+                                     captions=captions[:n], num_images=1, seed=0, steps=4,
+                                     pad_demos_to=pad)
+  # Masked slots are ignored: the images of the two demos alone, to float rounding.
+  assert np.abs(draw(2, 4).astype(int) - draw(2, 0)).max() <= 1
+  # One sampler and one demo encoder for every demo count up to the slots (evaluate's curve).
+  samplers, encoders = diffusion._sample_loop._cache_size(), model._encode_demos_jit._cache_size()
+  images = [draw(n, 4) for n in (1, 3)]
+  assert diffusion._sample_loop._cache_size() == samplers
+  assert model._encode_demos_jit._cache_size() == encoders
+  assert np.abs(images[0].astype(int) - images[1]).max() > 0  # the demos still count
+
+
 def test_bad_demos_and_too_many_demos_are_named(models, tmp_path):
   config, model, _, _, frozen, params = models
   broken = tmp_path / "broken.png"
