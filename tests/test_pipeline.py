@@ -97,7 +97,9 @@ def test_the_other_demos_control_gives_each_subject_the_next_subjects_demos(monk
 
   seen = []
 
-  def fake_generate(model, params, frozen, demos, prompt, *, captions, num_images, seed):
+  def fake_generate(model, params, frozen, demos, prompt, *, captions, num_images, seed,
+                    pad_demos_to):
+    assert pad_demos_to == config.apprentice.num_inference_demos  # one sampler for any count
     seen.append((int(demos[0][0, 0, 0]), len(demos), captions[0], prompt, seed))
     return np.zeros((num_images, 16, 16, 3), np.uint8)
 
