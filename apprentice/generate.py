@@ -108,13 +108,11 @@ def demo_batch(model: Apprentice, demos: np.ndarray, captions: Sequence[str] | N
   if len(captions) != n:
     raise InputError(f"{len(captions)} captions for {n} demos: give one per demo, or none")
   slots = max(n, pad_to)
-  demos = np.concatenate([demos, np.zeros((slots - n, *demos.shape[1:]), demos.dtype)])
+  pad = lambda x: np.concatenate([x, np.zeros((slots - n, *x.shape[1:]), x.dtype)])[None]
   tokens = model.tokenize(captions) if n else {
       k: np.zeros((0, model.text.max_length), d) for k, d in (("ids", np.int32), ("mask", bool))}
-  tokens = {k: np.concatenate([v, np.zeros((slots - n, *v.shape[1:]), v.dtype)])
-            for k, v in tokens.items()}
-  return {"demo_images": train_lib.to_model_space(demos)[None],
-          "demo_ids": tokens["ids"][None], "demo_id_mask": tokens["mask"][None],
+  return {"demo_images": train_lib.to_model_space(pad(demos)),
+          "demo_ids": pad(tokens["ids"]), "demo_id_mask": pad(tokens["mask"]),
           "demo_mask": (np.arange(slots) < n)[None]}
 
 

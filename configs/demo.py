@@ -98,7 +98,7 @@ def get_config(arg=None):
   # Experts: 8 packed in one step, 4 rounds, each sampling all 4 of its unseen prompts twice.
   # 8, not 16: evaluate's 8 held-out subjects fill one pack of the same shape, so evaluate
   # reuses the experts' compiled step (its experts: 24.2 -> 6.1 s a subject). The 8-expert
-  # step compiles in ~60 s on 2 cores (203 s before the NaN guard's fix; RESULTS, issue 7).
+  # step compiles in 60-90 s on 2 cores (203 s before the NaN guard's fix; RESULTS, issue 7).
   c.experts.num_experts = 8
   c.experts.num_rounds = 4
   c.experts.num_steps = 80

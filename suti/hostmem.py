@@ -38,13 +38,19 @@ def huge_pages_available(thp_setting: str = THP_SETTING) -> bool:
   return libc == "glibc" and (major, minor) >= (2, 35) and "[never]" not in thp
 
 
+def huge_pages_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
+  """`with_huge_pages(environ)` where it would change something here; None otherwise."""
+  added = with_huge_pages(environ)
+  return added if added is not None and huge_pages_available() else None
+
+
 def reexec_with_huge_pages() -> None:
   """Restarts this Python command with huge-page malloc, unless set already or unavailable.
 
   Call first thing in a `__main__`: the process is replaced, with the same argv.
   """
-  environ = with_huge_pages(os.environ)
-  if environ is None or not huge_pages_available():
+  environ = huge_pages_environ(os.environ)
+  if environ is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()

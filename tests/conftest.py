@@ -15,8 +15,8 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".
 # XLA:CPU's per-step buffers on huge pages, as `python -m suti.launch` runs (suti/hostmem.py).
 # glibc reads it when a process starts: the xdist workers and the subprocesses get it.
 from suti import hostmem  # pylint: disable=wrong-import-position
-_HUGE_PAGES = hostmem.with_huge_pages(os.environ)
-if _HUGE_PAGES and hostmem.huge_pages_available():
+_HUGE_PAGES = hostmem.huge_pages_environ(os.environ)
+if _HUGE_PAGES:
   os.environ["GLIBC_TUNABLES"] = _HUGE_PAGES["GLIBC_TUNABLES"]
 
 import pytest
