@@ -152,9 +152,11 @@ def _train(config, workdir, out, ckpt, summary_path) -> dict:
   def save_samples(at_step, trainable):
     if not examples:
       return
+    # Subjects with fewer images get masked demo slots: one compiled sampler for the grid.
     samples = [generate_lib.generate(model, trainable, frozen, e["demos"], e["prompt"],
                                      captions=e["captions"], num_images=1, seed=config.seed,
-                                     check_memory=False)[0] for e in examples]
+                                     check_memory=False, pad_demos_to=ac.num_inference_demos)[0]
+               for e in examples]
     grid = train_lib.save_grid(out / "samples" / f"step_{at_step:06d}.png",
                                *grid_tiles(examples, samples))
     writer.image(at_step, "samples", grid)

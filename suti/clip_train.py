@@ -32,7 +32,6 @@ import pathlib
 import time
 
 from flax import traverse_util
-import grain.python as grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,15 +219,10 @@ def make_transform(tokenizer, max_length, world=None, subjects=(), identity_view
 
 
 def make_iterator(source, *, batch_size: int, seed: int, random_transform):
-  """pipeline.make_iterator's shuffled, repeated, resumable batches, with a short prefetch.
-
-  grain's default read options prefetch 500 elements on 16 threads: with oracle renders in
-  the transform that is minutes of renders that training never consumes, and threads that
-  fight the train step for a 2-core CPU. Two threads and a few batches ahead keep up.
-  """
-  dataset = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-             .random_map(random_transform, seed=seed).batch(batch_size, drop_remainder=True))
-  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  """pipeline.make_iterator's shuffled, repeated, resumable batches of every process's pairs
+  (a seam for the interrupt test)."""
+  return pipeline.make_iterator(source, batch_size=batch_size, seed=seed,
+                                random_transform=random_transform, shard_by_process=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,14 +23,11 @@ from suti.data import pipeline
 from suti.data import world as world_lib
 from suti.model import TextToImage
 from suti.nn.unet import count_params
-from tests.conftest import ONE_LEVEL, REPO, load_config
+from tests.conftest import REPO, load_config
 
 
 def _config(**apprentice):
   config = load_config("tiny")
-  # The Re-Imagen wiring on one level (demo attention in its down and up stack): compile time
-  # grows with op count; tests/test_pipeline.py runs tiny's two-level apprentice end to end.
-  config.model.update(ONE_LEVEL)
   config.apprentice.sample_steps = 4
   config.apprentice.log_every = 1
   config.apprentice.sample_every = 1000
@@ -135,7 +132,7 @@ def test_any_number_of_demos_gives_the_same_output_shape(models):
 def test_init_from_a_base_of_another_config_is_refused(models):
   config, model, *_ = models
   other = load_config("tiny")
-  other.model.update(ONE_LEVEL, channels=8)  # the models' network, but narrower
+  other.model.channels = 8  # the models' network, but narrower
   other_params, _ = TextToImage(other).abstract_init()
   with pytest.raises(ValueError, match="shape"):
     model.init_from_base(other_params, jax.random.PRNGKey(0))

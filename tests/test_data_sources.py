@@ -3,6 +3,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import PIL.Image
@@ -228,6 +229,19 @@ def test_pairs_and_resumable_iterator(tmp_path):
     np.testing.assert_array_equal(a["noise"], b["noise"])
   with pytest.raises(builder.DatasetError, match="has no split 'train'"):
     pipeline.ClusterSource(tmp_path / "out", "train")
+
+
+def test_iterator_reads_only_a_few_batches_ahead(tmp_path):
+  """grain's default read options transform 500 records ahead on 16 threads: work training
+  may never use, on threads that hold the GIL while the train step is traced."""
+  builder.build(dreambench_config(make_dreambench(tmp_path)), tmp_path / "out")
+  pairs = pipeline.PairSource(pipeline.ClusterSource(tmp_path / "out", "eval"))
+  transformed = []
+  it = pipeline.make_iterator(pairs, batch_size=2, seed=0, random_transform=lambda r, rng: (
+      transformed.append(1), {"image": r["image"]})[1])
+  next(it)
+  time.sleep(1.0)  # let the prefetch threads run as far as they will
+  assert 2 <= len(transformed) <= 2 * 8  # the batch taken, and a few batches ahead
 
 
 def test_cli_prints_json_summary_last(tmp_path):

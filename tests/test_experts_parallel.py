@@ -19,7 +19,7 @@ from suti import config_lib, plan, train_lib
 from suti.data import builder, pipeline
 from suti.data.types import SubjectCluster
 from suti.model import TextToImage
-from tests.conftest import ONE_LEVEL, REPO, device_flags, load_config
+from tests.conftest import REPO, device_flags, load_config
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +113,9 @@ _LAYOUT = """
   from suti import mesh as mesh_lib
   from suti.data import pipeline
   from suti.model import TextToImage
-  from tests.conftest import ONE_LEVEL, load_config
+  from tests.conftest import load_config
 
   config = load_config("tiny")
-  config.model.update(ONE_LEVEL)
   config.experts.num_experts, config.experts.num_steps = 4, 4
   clusters = list(pipeline.ClusterSource(sys.argv[1], "train"))[:4]
   model = TextToImage(config)
@@ -173,7 +172,6 @@ def _clusters(data_dir, n):
 
 def _setup(num_experts=2, **experts):
   config = load_config("tiny")
-  config.model.update(ONE_LEVEL)
   config.experts.num_experts = num_experts
   config.experts.update(experts)
   model = TextToImage(config)

@@ -12,13 +12,11 @@ from experts import stage
 from suti import pretrain, scoring, train_lib
 from suti.data import builder
 from suti.data import pipeline
-from tests.conftest import ONE_LEVEL, load_config
+from tests.conftest import load_config
 
 
 def _config():
   config = load_config("tiny")
-  config.model.update(ONE_LEVEL)  # rounds, filter and buffer are tested here, not the network
-  config.clip.num_steps = config.dino.num_steps = 20
   config.pretrain.num_steps = 10
   config.pretrain.sample_every = 1000
   config.experts.num_experts = 3   # 8 subjects: rounds of 3, 3 and 2

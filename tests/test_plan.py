@@ -8,12 +8,11 @@ import pytest
 from suti import plan
 from suti.model import TextToImage
 from suti.nn.unet import count_params
-from tests.conftest import ONE_LEVEL, load_config
+from tests.conftest import load_config
 
 
 def tiny(**plan_keys):
   config = load_config("tiny")
-  config.model.update(ONE_LEVEL)
   config.pretrain.batch_size = 8
   config.plan = dict({"num_devices": 1}, **plan_keys)
   return config

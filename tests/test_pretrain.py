@@ -11,7 +11,7 @@ import pytest
 from suti import checkpoint, config_lib, pretrain, train_lib
 from suti.data import builder
 from suti.data import world as world_lib
-from tests.conftest import ONE_LEVEL, REPO, device_flags, load_config
+from tests.conftest import REPO, device_flags, load_config
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,6 @@ def _losses(workdir) -> dict[int, float]:
 
 def _config(**pretrain_overrides):
   config = load_config("tiny")
-  config.model.update(ONE_LEVEL)  # what is tested here is the loop, not the network
   config.pretrain.log_every = 1
   config.pretrain.sample_every = 1000
   for key, value in pretrain_overrides.items():
@@ -191,9 +190,8 @@ _DATA_PARALLEL = """
 import json, sys
 import jax
 from suti import config_lib, pretrain, train_lib
-from tests.conftest import ONE_LEVEL, load_config
+from tests.conftest import load_config
 config = load_config("tiny")
-config.model.update(ONE_LEVEL)
 config.pretrain.num_steps, config.pretrain.log_every, config.pretrain.sample_every = 4, 1, 1000
 config.mesh.data = int(sys.argv[2])
 summary = pretrain.run(config_lib.validate(config), sys.argv[1])

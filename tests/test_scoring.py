@@ -48,6 +48,7 @@ def test_configured_models_are_loaded_not_trained(tmp_path, tiny_config, real_di
 
 def test_real_photos_need_real_scoring_models(tmp_path, tiny_config, real_dirs):
   tiny_config.data.source = "dreambench"
+  tiny_config.clip.path = tiny_config.dino.path = ""
   with pytest.raises(scoring.ScoringModelError, match="clip.path must point"):
     scoring.run(tiny_config, tmp_path)
   tiny_config.clip.path = str(real_dirs[0])
@@ -66,7 +67,8 @@ def test_a_configured_directory_missing_files_is_named(tmp_path, tiny_config, re
 def test_launch_trains_both_world_models_and_reuses_them(tmp_path, monkeypatch):
   workdir = tmp_path / "w"
   args = [sys.executable, "-m", "suti.launch", "--config=configs/tiny.py",
-          f"--workdir={workdir}", "--stages=data,clip", "--config.clip.num_steps=10",
+          f"--workdir={workdir}", "--stages=data,clip", "--config.clip.path=", "--config.dino.path=",
+          "--config.clip.num_steps=10",
           "--config.dino.num_steps=10", "--config.clip.identity_weight=5.0"]  # as the demo's
   first = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -143,11 +145,13 @@ def test_launch_names_the_missing_scoring_model(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "suti.launch", "--config=configs/tiny.py",
        f"--workdir={tmp_path / 'w'}", "--stages=clip", "--config.data.source=folder",
+       "--config.clip.path=", "--config.dino.path=",
        f"--config.data.path={tmp_path}"], capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 2
   assert "clip.path must point to a pretrained CLIP directory" in result.stderr
 
 
 def test_world_models_need_the_data_stage(tmp_path, tiny_config):
+  tiny_config.clip.path = tiny_config.dino.path = ""  # to be trained on the world's data
   with pytest.raises(config_lib.InputError, match="run the data stage"):
     scoring.run(tiny_config, tmp_path)

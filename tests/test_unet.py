@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from suti.nn import unet as unet_lib
+from tests.conftest import TWO_LEVEL
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -17,7 +18,10 @@ def load_config(name, arg=None):
   spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  config = module.get_config(arg)
+  if name == "tiny":  # the network's tests: two levels, self-attention and demo attention at both
+    config.model.update(TWO_LEVEL)
+  return config
 
 
 def randomize(params, seed=1, scale=0.2):
