@@ -218,13 +218,6 @@ def make_transform(tokenizer, max_length, world=None, subjects=(), identity_view
   return transform
 
 
-def make_iterator(source, *, batch_size: int, seed: int, random_transform):
-  """pipeline.make_iterator's shuffled, repeated, resumable batches of every process's pairs
-  (a seam for the interrupt test)."""
-  return pipeline.make_iterator(source, batch_size=batch_size, seed=seed,
-                                random_transform=random_transform, shard_by_process=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training.
 
@@ -438,9 +431,9 @@ def train_world_clip(config, workdir) -> dict:
                 "none (real photos), so the CLIP trains on its pairs alone", cc.identity_weight)
   group = (4 + IDENTITY_VIEWS * identity_views) if pool else 1
   records = max(1, cc.batch_size // group)  # batch_size counts pairs
-  data = make_iterator(pairs, batch_size=records, seed=config.seed,
-                       random_transform=make_transform(tokenizer, cc.max_length, world, pool,
-                                                       identity_views))
+  data = pipeline.make_iterator(
+      pairs, batch_size=records, seed=config.seed, shard_by_process=False,
+      random_transform=make_transform(tokenizer, cc.max_length, world, pool, identity_views))
   tx = make_optimizer(cc.learning_rate, cc.num_steps)
   opt_state = tx.init(params)
   ckpt = checkpoint_lib.Checkpoints.from_config(out / "checkpoints", config)

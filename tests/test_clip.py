@@ -390,10 +390,10 @@ def world_clip(tmp_path_factory):
   config = load_config("tiny")  # 60 steps of 32 pairs, a one-layer 32-wide CLIP
   workdir = tmp_path_factory.mktemp("world_clip")
   builder.build(config, workdir / "data")
-  make_iterator = clip_train.make_iterator
+  make_iterator = clip_train.pipeline.make_iterator
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(clip_train, "CHECKPOINT_EVERY", 30)
-    patch.setattr(clip_train, "make_iterator", lambda *a, **k: _StopsAfter(
+    patch.setattr(clip_train.pipeline, "make_iterator", lambda *a, **k: _StopsAfter(
         make_iterator(*a, **k), 30))
     with pytest.raises(_Interrupted):
       clip_train.train_world_clip(config, workdir)

@@ -67,9 +67,9 @@ def test_a_configured_directory_missing_files_is_named(tmp_path, tiny_config, re
 def test_launch_trains_both_world_models_and_reuses_them(tmp_path, monkeypatch):
   workdir = tmp_path / "w"
   args = [sys.executable, "-m", "suti.launch", "--config=configs/tiny.py",
-          f"--workdir={workdir}", "--stages=data,clip", "--config.clip.path=", "--config.dino.path=",
-          "--config.clip.num_steps=10",
-          "--config.dino.num_steps=10", "--config.clip.identity_weight=5.0"]  # as the demo's
+          f"--workdir={workdir}", "--stages=data,clip", "--config.clip.path=",
+          "--config.dino.path=", "--config.clip.num_steps=10", "--config.dino.num_steps=10",
+          "--config.clip.identity_weight=5.0"]  # as the demo's
   first = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
   assert first.returncode == 0, first.stderr[-3000:]
   summary = json.loads(first.stdout.strip().splitlines()[-1])["clip"]

@@ -1,24 +1,16 @@
 """The Imagen-style UNet: shapes, the Down/Mid/Up seam, conditioning, size, vmap over experts."""
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from suti.nn import unet as unet_lib
+from tests import conftest
 from tests.conftest import TWO_LEVEL
-
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_config(name, arg=None):
-  # importlib, not ml_collections.config_flags: no absl flags in tests.
-  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = conftest.load_config(name, arg)
   if name == "tiny":  # the network's tests: two levels, self-attention and demo attention at both
     config.model.update(TWO_LEVEL)
   return config
