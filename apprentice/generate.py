@@ -128,12 +128,12 @@ def available_memory_bytes(device=None) -> int:
 def demo_attention_bytes(model: Apprentice, num_demos: int, batch: int) -> dict[int, int]:
   """Bytes of the largest demo-attention intermediate (float32 logits and weights) per size r,
   for `batch` images (guidance branches included) attending to num_demos demos."""
-  config = model.config
   length = model.text.max_length
+  heads = model.unet.demo_num_heads or model.unet.num_heads
   out = {}
   for r in model.resolutions:
     keys = num_demos * (r * r + length)
-    out[r] = 2 * 4 * batch * config.model.num_heads * r * r * keys
+    out[r] = 2 * 4 * batch * heads * r * r * keys
   return out
 
 

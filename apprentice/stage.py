@@ -55,12 +55,15 @@ def buffer_threshold(config) -> float | None:
 def make_optimizer(ac, trainable) -> optax.GradientTransformation:
   """config.apprentice's optimizer. With freeze_base the base's params get no updates (and no
   optimizer state); else with base_learning_rate they learn at that rate, the new layers at
-  learning_rate."""
-  tx = train_lib.make_optimizer(ac.optimizer, ac.learning_rate, ac.warmup_steps)
+  learning_rate. Both follow ac.lr_schedule."""
+  decay_steps = ac.num_steps if ac.lr_schedule == "cosine" else 0
+  tx = train_lib.make_optimizer(ac.optimizer, ac.learning_rate, ac.warmup_steps,
+                                decay_steps=decay_steps)
   if ac.freeze_base:
     base_tx = optax.set_to_zero()
   elif ac.base_learning_rate is not None:
-    base_tx = train_lib.make_optimizer(ac.optimizer, ac.base_learning_rate, ac.warmup_steps)
+    base_tx = train_lib.make_optimizer(ac.optimizer, ac.base_learning_rate, ac.warmup_steps,
+                                       decay_steps=decay_steps)
   else:
     return tx
   return optax.multi_transform({"train": tx, "frozen": base_tx}, new_layer_labels(trainable))

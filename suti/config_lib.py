@@ -196,7 +196,11 @@ def base_config() -> ml_collections.ConfigDict:
   # A feed-forward block of this width ratio after each demo attention (0: none); with 2 the
   # paper config's apprentice has ~430M new params (~2.55B in all), as SuTI's 2.5B.
   c.apprentice.demo_mlp_ratio = 2
+  # Heads of the demo attentions (0: model.num_heads). Their logits, [queries x demo tokens]
+  # per head, are most of a small apprentice's step at full image size.
+  c.apprentice.demo_num_heads = 0
   c.apprentice.warmup_steps = 0
+  c.apprentice.lr_schedule = "constant"  # or 'cosine': decays to zero at num_steps
   # Departures from the paper for small, short runs (defaults: the paper's recipe). Knowing the
   # subject mostly helps at high noise, where the plain eps loss is tiny, so the demo layers'
   # gradient drowns in low-noise detail (RESULTS, issue 7):
@@ -315,14 +319,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "pretrain.sample_steps", "apprentice.finetune_batch_size", "apprentice.warmup_steps",
       "apprentice.sample_steps", "apprentice.log_every", "apprentice.checkpoint_every",
       "apprentice.sample_every", "apprentice.num_sample_subjects", "apprentice.demo_mlp_ratio",
+      "apprentice.demo_num_heads",
       "evaluate.prompts_per_subject", "evaluate.sample_steps", "evaluate.max_demos",
-  ], allow_zero=("evaluate.prompts_per_subject", "evaluate.max_demos", "apprentice.demo_mlp_ratio", "experts.experts_per_device", "experts.num_rounds",
+  ], allow_zero=("evaluate.prompts_per_subject", "evaluate.max_demos", "apprentice.demo_mlp_ratio",
+                 "apprentice.demo_num_heads", "experts.experts_per_device", "experts.num_rounds",
                  "apprentice.finetune_steps", "pretrain.warmup_steps",
                  "apprentice.warmup_steps", "apprentice.num_sample_subjects"))
   _choice(config, "data.source", SOURCES)
   _choice(config, "model.text_encoder.kind", TEXT_ENCODERS)
   _choice(config, "pretrain.optimizer", OPTIMIZERS)
   _choice(config, "pretrain.lr_schedule", LR_SCHEDULES)
+  _choice(config, "apprentice.lr_schedule", LR_SCHEDULES)
   _choice(config, "experts.optimizer", OPTIMIZERS)
   _choice(config, "apprentice.optimizer", OPTIMIZERS)
   _choice(config, "experts.sampler", SAMPLERS)
@@ -366,6 +373,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.model.channels % config.model.num_heads:
     raise ConfigError(f"model.channels ({config.model.channels}) must be divisible by "
                       f"model.num_heads ({config.model.num_heads})")
+  if config.model.channels % (config.apprentice.demo_num_heads or 1):
+    raise ConfigError(f"model.channels ({config.model.channels}) must be divisible by "
+                      f"apprentice.demo_num_heads ({config.apprentice.demo_num_heads})")
   if not 0.0 <= config.model.dropout < 1.0:
     raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
 

@@ -434,6 +434,29 @@ def test_base_learning_rate_is_the_base_params_own_step(models):
       np.testing.assert_allclose(np.abs(np.asarray(update)), want, rtol=1e-3, err_msg=path)
 
 
+def test_cosine_schedule_decays_both_rates_to_zero_at_num_steps(models):
+  """apprentice.lr_schedule='cosine': Adam's step (each param's |update| is the rate) follows
+  the cosine, for the new layers and for the base's own rate."""
+  config, _, _, _, _, params = models
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-4), params)
+  ac = _config(optimizer="adam", learning_rate=1e-3, base_learning_rate=1e-5, warmup_steps=0,
+               num_steps=10, lr_schedule="cosine").apprentice
+  tx = stage.make_optimizer(ac, params)
+  update = jax.jit(tx.update)
+  state = jax.jit(tx.init)(params)
+  seen = []
+  for _ in range(10):
+    updates, state = update(grads, state, params)
+    flat = traverse_util.flatten_dict(updates, sep="/")
+    seen.append({new: max(float(np.abs(np.asarray(u)).max()) for k, u in flat.items()
+                          if is_new_param(k) == new) for new in (True, False)})
+  for step, rates in enumerate(seen):
+    cosine = 0.5 * (1 + np.cos(np.pi * step / 10))
+    np.testing.assert_allclose(rates[True], 1e-3 * cosine, rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(rates[False], 1e-5 * cosine, rtol=1e-3, atol=1e-11)
+  assert seen[-1][True] < 0.03 * seen[0][True]
+
+
 def test_resume_after_a_kill_gives_the_same_params(trained, base_workdir, tmp_path, monkeypatch):
   config, _, _ = trained
   reference = checkpoint.load_params(stage.checkpoint_dir(trained[1]))

@@ -54,6 +54,9 @@ def test_dreambench_config_requires_path():
                                       r"data.min_demos \(3\)"),
     ("apprentice.freeze_base", True, "apprentice.base_learning_rate is set but "
                                      "apprentice.freeze_base is True"),
+    ("apprentice.demo_num_heads", 3, r"model.channels \(32\) must be divisible by "
+                                     r"apprentice.demo_num_heads \(3\)"),
+    ("apprentice.demo_num_heads", -1, "apprentice.demo_num_heads must be an integer >= 0"),
     ("pretrain.oracle_fraction", 1.5, r"pretrain.oracle_fraction must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_values_name_key_and_value(key, value, message):

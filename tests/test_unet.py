@@ -160,6 +160,71 @@ def test_demo_context_from_the_down_stack(tiny):
   assert out.shape == x.shape and np.isfinite(out).all()
 
 
+def test_demo_attention_has_its_own_head_count(tiny):
+  config, _, _, _ = tiny
+  x, t, tokens, mask = inputs(config)
+  res = config.model.cross_attention_resolutions[0]
+  demos = jnp.asarray(np.random.default_rng(3).standard_normal((2, 7, 32)), jnp.float32)
+  extra = {res: (demos, jnp.ones((2, 7), bool))}
+
+  def build(**kw):
+    model = unet_lib.from_config(config, demo_attention_resolutions=(res,), **kw)
+    params = randomize(jax.jit(model.init)(jax.random.PRNGKey(0), x, t, tokens, mask,
+                                           extra)["params"], seed=5)
+    return params, jax.jit(lambda p: model.apply({"params": p}, x, t, tokens, mask, extra))
+
+  one_head, apply_one = build(demo_num_heads=1)
+  default, apply_default = build()
+  heads = config.model.num_heads
+  flat = {jax.tree_util.keystr(k): v.shape
+          for k, v in jax.tree_util.tree_leaves_with_path(one_head)}
+  demo_q = [s for k, s in flat.items() if "demo_attentions" in k and "['q']['kernel']" in k]
+  text_q = [s for k, s in flat.items() if "cross_attentions" in k and "['q']['kernel']" in k]
+  assert demo_q and all(s == (32, 1, 32) for s in demo_q)  # one head of the full width
+  assert text_q and all(s == (32, heads, 32 // heads) for s in text_q)  # the base's own heads
+  # The same weights regrouped into one head give a different function: the heads are real.
+  regrouped = jax.tree_util.tree_map(
+      lambda a, b: a.reshape(b.shape), one_head, default)
+  assert np.abs(apply_default(regrouped) - apply_one(one_head)).max() > 1e-4
+  # demo_num_heads equal to num_heads is the default network.
+  same, apply_same = build(demo_num_heads=heads)
+  np.testing.assert_allclose(apply_same(same), apply_default(default), rtol=1e-5, atol=1e-5)
+
+
+def _attend_by_autodiff(q, k, v, mask):
+  # The textbook formula, differentiated by JAX: what the hand-written backward must equal.
+  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(q.shape[-1])
+  logits = jnp.where(mask[:, None, None, :], logits, -1e30)
+  weights = jax.nn.softmax(logits, axis=-1) * mask[:, None, None, :]
+  return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
+
+
+def test_attention_backward_matches_autodiff():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in ((3, 5, 2, 4), (3, 7, 2, 4), (3, 7, 2, 4)))
+  mask = np.ones((3, 7), bool)
+  mask[0, :3] = False  # some tokens dropped
+  mask[1] = False  # the "null" condition: attends to nothing
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def value_and_grads(attend, q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
+    return (out,) + vjp(cotangent)
+
+  ours = jax.jit(lambda *a: value_and_grads(unet_lib._attend, *a))(q, k, v)
+  expected = value_and_grads(_attend_by_autodiff, q, k, v)
+  for got, want in zip(ours, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(ours[1])[0]).max() > 0  # the checked gradients are not all zero
+  np.testing.assert_array_equal(ours[0][1], 0.0)  # the fully masked example's output...
+  np.testing.assert_array_equal(ours[2][1], 0.0)  # ...and its keys' gradient
+  # Under vmap (stacked experts) it is the same function.
+  stacked = jax.vmap(lambda q: unet_lib._attend(q, k, v, mask))(jnp.stack([q, 2 * q]))
+  np.testing.assert_allclose(stacked[1], unet_lib._attend(2 * q, k, v, mask), rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_vmap_over_stacked_experts(tiny):
   config, model, params, apply = tiny
   x, t, tokens, mask = inputs(config)
