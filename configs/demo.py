@@ -1,4 +1,4 @@
-"""Demo: the whole SuTI pipeline on the embedded world, sized for a 2-core CPU (21 min on Zen 3).
+"""Demo: the whole SuTI pipeline on the embedded world, sized for a 2-core CPU (19 min on Zen 3).
 
 `python -m suti.launch --config=configs/demo.py` runs clip -> pretrain -> experts -> apprentice
 -> evaluate -> export. At 16x16 `pretrain` loads the base shipped in the package
@@ -7,7 +7,7 @@ dataset's pairs and oracle renders of the whole caption grammar), as SuTI starts
 pre-trained model, and `clip` loads the shipped world CLIP and DINO
 (configs/world_scorers.py). Images are 16x16: on 2 cores that is the size at which a base
 model learns the world's scenes and coloured subjects (docs/RESULTS.md, issue 7). Cold, it
-takes 21 minutes on a 2-core Zen 3 CPU (experts 6, apprentice 10.5, evaluate 3.5).
+takes 19 minutes on a 2-core Zen 3 CPU (experts 6, apprentice 9, evaluate 3.5).
 configs/bench.py is the same pipeline with more of everything (about 2 hours). `:32` and `:64`
 select larger images with the same network shape (attention at the same fractions of the
 image); they need far more pre-training than the demo's to draw subjects.
