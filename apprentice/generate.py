@@ -129,7 +129,7 @@ def demo_attention_bytes(model: Apprentice, num_demos: int, batch: int) -> dict[
   """Bytes of the largest demo-attention intermediate (float32 logits and weights) per size r,
   for `batch` images (guidance branches included) attending to num_demos demos."""
   length = model.text.max_length
-  heads = model.unet.demo_num_heads or model.unet.num_heads
+  heads = model.unet.demo_heads
   out = {}
   for r in model.resolutions:
     keys = num_demos * (r * r + length)

@@ -42,12 +42,6 @@ def demo_resolutions(config) -> tuple[int, ...]:
   return resolutions or (config.image_size // 2**(len(config.model.channel_mult) - 1),)
 
 
-def demo_num_heads(config) -> int:
-  """config.apprentice.demo_num_heads; 0 (or absent, in configs saved before it existed) means
-  the UNet's own model.num_heads."""
-  return int(config.apprentice.get("demo_num_heads", 0)) or int(config.model.num_heads)
-
-
 def level_channels(config, resolution: int) -> int:
   """Width of the DownStack feature map of size `resolution` (its level's ResBlocks)."""
   level = int(round(math.log2(config.image_size / resolution)))
@@ -83,7 +77,8 @@ class Apprentice:
     self.demo_timestep = int(config.apprentice.demo_timestep)
     self.unet = unet_lib.from_config(config, demo_attention_resolutions=self.resolutions,
                                      demo_mlp_ratio=int(config.apprentice.demo_mlp_ratio),
-                                     demo_num_heads=demo_num_heads(config))
+                                     # absent from configs saved before it existed
+                                     demo_num_heads=int(config.apprentice.get("demo_num_heads", 0)))
     self.cond_part, self.down_part, _, _ = self.unet.parts()
     self.caption_projection = CaptionProjection(
         tuple((r, level_channels(config, r)) for r in self.resolutions))

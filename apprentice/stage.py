@@ -56,7 +56,7 @@ def make_optimizer(ac, trainable) -> optax.GradientTransformation:
   """config.apprentice's optimizer. With freeze_base the base's params get no updates (and no
   optimizer state); else with base_learning_rate they learn at that rate, the new layers at
   learning_rate. Both follow ac.lr_schedule."""
-  decay_steps = ac.num_steps if ac.lr_schedule == "cosine" else 0
+  decay_steps = train_lib.decay_steps(ac)
   tx = train_lib.make_optimizer(ac.optimizer, ac.learning_rate, ac.warmup_steps,
                                 decay_steps=decay_steps)
   if ac.freeze_base:

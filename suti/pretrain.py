@@ -98,9 +98,8 @@ def load_base(config, workdir, model: TextToImage | None = None):
 def make_optimizer(pc) -> optax.GradientTransformation:
   """config.pretrain's optimizer: warmup, then constant or (lr_schedule 'cosine') decayed to
   zero at num_steps."""
-  decay_steps = pc.num_steps if pc.lr_schedule == "cosine" else 0
   return train_lib.make_optimizer(pc.optimizer, pc.learning_rate, pc.warmup_steps,
-                                  decay_steps=decay_steps)
+                                  decay_steps=train_lib.decay_steps(pc))
 
 
 def make_train_step(model: TextToImage, tx: optax.GradientTransformation, seed: int):

@@ -13,6 +13,12 @@ import tqdm
 from suti.data import images as images_lib
 
 
+def decay_steps(section) -> int:
+  """make_optimizer's decay_steps for a config section with lr_schedule and num_steps: the
+  run's length for 'cosine', 0 (no decay) for 'constant'."""
+  return section.num_steps if section.lr_schedule == "cosine" else 0
+
+
 def make_optimizer(name: str, learning_rate: float, warmup_steps: int = 0,
                    grad_clip: float = 1.0, decay_steps: int = 0) -> optax.GradientTransformation:
   """Adam or Adafactor (SuTI: Adafactor for experts and apprentice) with linear warmup; with

@@ -207,6 +207,11 @@ class _Stack(nn.Module):
   context_channels: int = 0  # width text is projected to for cross-attention; 0: channels
   dtype: Any = jnp.float32
 
+  @property
+  def demo_heads(self) -> int:
+    """Heads of the demo attentions: demo_num_heads, or the UNet's own num_heads when 0."""
+    return self.demo_num_heads or self.num_heads
+
   def resolution(self, level):
     """Feature-map size at a level; attention placement is fixed by it, not by the input."""
     return self.image_size // 2**level
@@ -221,8 +226,7 @@ class _Stack(nn.Module):
           h, context, context_mask)
     demo, demo_mask = _unpack(extra_context, res)
     if res in self.demo_attention_resolutions and demo is not None:
-      h = CrossAttention(self.demo_num_heads or self.num_heads, self.dtype,
-                         name=f"demo_attentions_{j}")(
+      h = CrossAttention(self.demo_heads, self.dtype, name=f"demo_attentions_{j}")(
           h, demo.astype(self.dtype), demo_mask)
       if self.demo_mlp_ratio:
         h = FeedForward(self.demo_mlp_ratio, self.dtype, name=f"demo_mlps_{j}")(h)
