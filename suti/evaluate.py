@@ -236,8 +236,12 @@ def format_table(table: dict) -> str:
   lines = ["| method | " + " | ".join(c.upper().replace("_", "-") for c in columns)
            + " | s/subject |", "|---" * (len(columns) + 2) + "|"]
   for name, row in table.items():
-    cells = [f"{row[c]:.3f}" if c in row else "" for c in columns]
+    cells = [(f"{row[c]:.3f}" + (f" ± {row[c + '_se']:.3f}" if c + "_se" in row else ""))
+             if c in row else "" for c in columns]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['seconds_per_subject']:.1f} |")
+  if any(c + "_se" in row for row in table.values() for c in columns):
+    lines.append("\n± : standard error over subjects (each subject's images drawn from its own "
+                 "seeds).")
   return "\n".join(lines)
 
 

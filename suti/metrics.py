@@ -314,7 +314,12 @@ def aggregate(per_subject: Sequence[dict]) -> dict:
   """Image-weighted means over subjects, i.e. DreamBench's mean over all generated images.
 
   Metrics some subjects lack (e.g. masked ones where no masks were known) average over the
-  subjects that have them. Returns {metric: mean, 'num_subjects', 'num_images'}.
+  subjects that have them. Returns {metric: mean, metric + '_se': its standard error over
+  subjects (with at least 2 of them), 'num_subjects', 'num_images'}.
+
+  The standard error treats subjects as the sample: each subject's mean carries its own
+  sampling seeds, and on the world's 16x16 images one apprentice's 64-image DINO moved by
+  0.06 with the seeds alone (docs/RESULTS.md, issue 7), so a table without it misleads.
   """
   if not per_subject:
     raise ValueError("aggregate needs at least one subject's scores")
@@ -323,10 +328,27 @@ def aggregate(per_subject: Sequence[dict]) -> dict:
   for name in names:
     rows = [s for s in per_subject if name in s]
     weights = np.asarray([s.get("num_images", 1) for s in rows], np.float64)
-    out[name] = float(np.sum(weights * [s[name] for s in rows]) / weights.sum())
+    values = np.asarray([s[name] for s in rows], np.float64)
+    out[name] = float(np.sum(weights * values) / weights.sum())
+    if len(rows) >= 2:
+      out[name + "_se"] = weighted_standard_error(values, weights)
   out["num_subjects"] = len(per_subject)
   out["num_images"] = int(sum(s.get("num_images", 1) for s in per_subject))
   return out
+
+
+def weighted_standard_error(values, weights) -> float:
+  """Standard error of a weighted mean, with Kish's effective sample size (sum w)^2 / sum w^2.
+
+  Equal weights give the textbook std(ddof=1) / sqrt(n); needs at least two values.
+  """
+  values, weights = np.asarray(values, np.float64), np.asarray(weights, np.float64)
+  if len(values) < 2:
+    raise ValueError(f"a standard error needs at least 2 values, got {len(values)}")
+  mean = np.sum(weights * values) / weights.sum()
+  variance = np.sum(weights * (values - mean)**2) / weights.sum()
+  n_eff = weights.sum()**2 / np.sum(weights**2)
+  return float(np.sqrt(variance / (n_eff - 1)))
 
 
 def auc(positive, negative) -> float:

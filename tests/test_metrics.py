@@ -175,8 +175,36 @@ def test_aggregate_weights_by_image_count():
   assert table["dino"] == pytest.approx(0.75)
   assert table["mdino"] == pytest.approx(0.5)  # only the subject that has it
   assert table["num_subjects"] == 2 and table["num_images"] == 4
+  # Kish: n_eff = 4^2 / (9 + 1) = 1.6, weighted variance 0.1875 -> sqrt(0.1875 / 0.6).
+  assert table["dino_se"] == pytest.approx(np.sqrt(0.1875 / 0.6))
+  assert "mdino_se" not in table  # one subject has it: no spread to measure
   with pytest.raises(ValueError, match="at least one"):
     metrics.aggregate([])
+
+
+def test_standard_error_over_subjects_is_the_textbook_one_for_equal_weights():
+  values = [0.2, 0.4, 0.9, 0.55]
+  table = metrics.aggregate([{"clip_i": v, "num_images": 4} for v in values])
+  assert table["clip_i_se"] == pytest.approx(np.std(values, ddof=1) / 2)
+  # Twice as many subjects with the same spread: a smaller error.
+  doubled = metrics.aggregate([{"clip_i": v, "num_images": 4} for v in values * 2])
+  assert doubled["clip_i_se"] < table["clip_i_se"]
+  assert metrics.aggregate([{"clip_i": 0.3}, {"clip_i": 0.3}])["clip_i_se"] == 0.0
+  with pytest.raises(ValueError, match="at least 2"):
+    metrics.weighted_standard_error([0.5], [1.0])
+
+
+def test_evaluation_table_shows_the_standard_error_beside_each_mean():
+  from suti import evaluate
+  row = metrics.aggregate([{"dino": 0.7, "clip_t": 0.6, "num_images": 2},
+                           {"dino": 0.5, "clip_t": 0.6, "num_images": 2}])
+  markdown = evaluate.format_table({"suti": dict(row, seconds_per_subject=1.5),
+                                    "oracle": {"dino": 0.9, "seconds_per_subject": 0.0}})
+  lines = markdown.splitlines()
+  assert lines[0] == "| method | DINO | CLIP-T | s/subject |"
+  assert lines[2] == "| suti | 0.600 ± 0.100 | 0.600 ± 0.000 | 1.5 |"
+  assert lines[3] == "| oracle | 0.900 |  | 0.0 |"
+  assert "standard error over subjects" in markdown
 
 
 def test_auc():
