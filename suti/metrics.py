@@ -319,7 +319,7 @@ def aggregate(per_subject: Sequence[dict]) -> dict:
 
   The standard error treats subjects as the sample: each subject's mean carries its own
   sampling seeds, and on the world's 16x16 images one apprentice's 64-image DINO moved by
-  0.06 with the seeds alone (docs/RESULTS.md, issue 7), so a table without it misleads.
+  0.06-0.08 with the seeds alone (docs/RESULTS.md, issue 7), so a table without it misleads.
   """
   if not per_subject:
     raise ValueError("aggregate needs at least one subject's scores")
