@@ -12,8 +12,8 @@ of configs/demo.py, with
 - evaluation on 32 held-out subjects x 4 prompts (128 images a row), every method.
 
 The demo keeps 32 subjects to stay under 20 minutes on the slowest 2-core CPU measured; the
-bench takes about 25 minutes on a 2-core Xeon and ~40 on a 2-core Zen 3 (docs/RESULTS.md).
-`:32` / `:64` as in the demo."""
+bench took 28.5 minutes cold on a 2-core Xeon, about 48 at the Zen 3's speed
+(docs/RESULTS.md). `:32` / `:64` as in the demo."""
 import pathlib
 
 from suti import config_lib
@@ -27,7 +27,6 @@ def get_config(arg=None):
   c.apprentice.guidance_mode = "image_first"
   c.apprentice.demo_guidance = 2.5
   c.apprentice.text_guidance = 1.5
-  c.evaluate.num_subjects = 32
+  c.evaluate.num_subjects = c.data.world.num_eval_subjects  # every held-out subject
   c.evaluate.prompts_per_subject = 4
-  c.evaluate.max_demos = 4
   return c
