@@ -14,9 +14,14 @@ All sample with `evaluate.sampler` and `evaluate.sample_steps`. Scores: DINO, CL
 MDINO, MCLIP-I (`suti.metrics`) against the subject's real images, and seconds per subject;
 plus SuTI's curve over 1..`evaluate.max_demos` demos.
 
+Each mean comes with its standard error over subjects, and SuTI's difference from the experts
+(the issue's "at least the experts'") is also given paired over subjects: the same subjects,
+prompts and seeds, so what is hard for both cancels and the error is what the difference has.
+
 Writes workdir/evaluate/: methods/<name>.npz (each method's images and seconds, so an
 interrupted run resumes at the next method), grid.png (a row per subject: demos | each
-method | oracle, first prompt), table.md (Table 1 of the paper), summary.json.
+method | oracle, first prompt), table.md (Table 1 of the paper, then the paired line),
+summary.json (`table`, `suti_minus_experts`, `demo_curve`, `demo_gain`).
 """
 from __future__ import annotations
 
@@ -213,21 +218,36 @@ def _cached(path: pathlib.Path, fn):
 
 # ------------------------------------------------------------------------------ scoring
 
-def score(images, prompts, clusters, clip, dino, images_per_prompt: int) -> dict:
-  """Aggregated metrics of one method over the subjects (image-weighted, as DreamBench)."""
+def score_subjects(images, prompts, clusters, clip, dino, images_per_prompt: int) -> list:
+  """One method's metrics per subject (each a dict with its num_images)."""
   per_subject = []
   for generated, ps, cluster in zip(images, prompts, clusters):
     expanded = [p for p in ps for _ in range(images_per_prompt)]
     masks = np.stack(cluster.masks) if cluster.masks else None
     per_subject.append(metrics.subject_scores(generated, expanded, np.stack(cluster.images),
                                               clip=clip, dino=dino, reference_masks=masks))
-  return metrics.aggregate(per_subject)
+  return per_subject
+
+
+def score(images, prompts, clusters, clip, dino, images_per_prompt: int) -> dict:
+  """Aggregated metrics of one method over the subjects (image-weighted, as DreamBench)."""
+  return metrics.aggregate(score_subjects(images, prompts, clusters, clip, dino,
+                                          images_per_prompt))
 
 
 def demo_gain(table: dict) -> dict:
   """What SuTI's own demos add over another subject's: DINO and CLIP-I, suti minus control."""
   return {k: table["suti"][k] - table["suti_other_demos"][k] for k in ("dino", "clip_i")
           if k in table["suti"] and k in table["suti_other_demos"]}
+
+
+def format_paired(difference: dict, a: str = "suti", b: str = "experts") -> str:
+  """One line: a minus b per metric, with the paired standard error."""
+  cells = [f"{c.upper().replace('_', '-')} {difference[c]:+.3f}"
+           + (f" ± {difference[c + '_se']:.3f}" if c + "_se" in difference else "")
+           for c in METRIC_COLUMNS if c in difference]
+  return (f"{a} minus {b}, paired over subjects (± : standard error of the per-subject "
+          f"differences): " + ", ".join(cells) + ".")
 
 
 def format_table(table: dict) -> str:
@@ -272,14 +292,15 @@ def run(config, workdir) -> dict:
              "dream_suti": lambda *a: run_suti(*a, finetune=True), "oracle": run_oracle}
   names = methods_to_run(config, len(clusters))
   models = Models(config, workdir)
-  images, table = {}, {}
+  images, table, per_subject = {}, {}, {}
   bar = train_lib.progress(len(names), 0, "evaluate")
   for name in names:
     bar.set_description(f"evaluate {name}")
     images[name], seconds = _cached(out / "methods" / f"{name}.npz",
                                     lambda: runners[name](config, models, clusters, prompts))
-    table[name] = dict(score(images[name], prompts, clusters, clip, dino,
-                             ev.images_per_prompt),
+    per_subject[name] = score_subjects(images[name], prompts, clusters, clip, dino,
+                                       ev.images_per_prompt)
+    table[name] = dict(metrics.aggregate(per_subject[name]),
                        seconds_per_subject=float(np.mean(seconds)))
     bar.update(1)
   bar.close()
@@ -300,6 +321,11 @@ def run(config, workdir) -> dict:
   tiles, columns = grid(clusters, images, config.apprentice.num_inference_demos)
   train_lib.save_grid(out / "grid.png", tiles, columns=columns)
   markdown = format_table(table)
+  paired = None
+  if "suti" in per_subject and "experts" in per_subject:
+    # The issue's test, "SuTI at least the experts'": the same subjects, prompts and seeds.
+    paired = metrics.paired_difference(per_subject["suti"], per_subject["experts"])
+    markdown += "\n\n" + format_paired(paired)
   (out / "table.md").write_text(markdown + "\n")
   summary = {"subjects": [c.subject_id for c in clusters],
              "prompts_per_subject": len(prompts[0]),
@@ -307,6 +333,8 @@ def run(config, workdir) -> dict:
              "sample_steps": ev.sample_steps, "methods": names, "table": table,
              "demo_curve": curve, "grid": str(out / "grid.png"),
              "columns": ["demos"] * config.apprentice.num_inference_demos + names}
+  if paired is not None:
+    summary["suti_minus_experts"] = paired
   if "suti_other_demos" in table:
     summary["demo_gain"] = demo_gain(table)
   files.write_json(summary_path, summary)

@@ -337,6 +337,36 @@ def aggregate(per_subject: Sequence[dict]) -> dict:
   return out
 
 
+def paired_difference(per_subject_a: Sequence[dict], per_subject_b: Sequence[dict]) -> dict:
+  """Method a minus method b on the same subjects: {metric: mean, metric + '_se'}.
+
+  The mean is the difference of the two image-weighted means; its standard error comes from
+  the per-subject differences, so what both methods share (a subject hard for every method)
+  cancels. That makes it much smaller than the two rows' standard errors combined: the test
+  of "SuTI at least the experts'" (issue 7). Needs both methods scored on the same subjects
+  with the same image counts.
+  """
+  if len(per_subject_a) != len(per_subject_b) or not per_subject_a:
+    raise ValueError(f"paired_difference needs the same subjects for both methods, got "
+                     f"{len(per_subject_a)} and {len(per_subject_b)}")
+  counts_a = [s.get("num_images", 1) for s in per_subject_a]
+  counts_b = [s.get("num_images", 1) for s in per_subject_b]
+  if counts_a != counts_b:
+    raise ValueError(f"paired_difference: image counts per subject differ: {counts_a} vs "
+                     f"{counts_b}")
+  names = sorted(set.intersection(*({k for k in s if k != "num_images"}
+                                    for s in [*per_subject_a, *per_subject_b])))
+  weights = np.asarray(counts_a, np.float64)
+  out = {}
+  for name in names:
+    diffs = np.asarray([a[name] - b[name] for a, b in zip(per_subject_a, per_subject_b)],
+                       np.float64)
+    out[name] = float(np.sum(weights * diffs) / weights.sum())
+    if len(diffs) >= 2:
+      out[name + "_se"] = weighted_standard_error(diffs, weights)
+  return out
+
+
 def weighted_standard_error(values, weights) -> float:
   """Standard error of a weighted mean, with Kish's effective sample size (sum w)^2 / sum w^2.
 

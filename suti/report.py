@@ -89,6 +89,8 @@ def write_report(workdir, summary: dict) -> pathlib.Path:
               f"prompts each, {evaluation['images_per_prompt']} image(s) per prompt, "
               f"{evaluation['sampler']} {evaluation['sample_steps']} steps.", "",
               evaluate.format_table(evaluation["table"])]
+    if evaluation.get("suti_minus_experts"):
+      lines += ["", evaluate.format_paired(evaluation["suti_minus_experts"])]
     if evaluation.get("demo_gain"):
       gain = evaluation["demo_gain"]
       lines += ["", "What the subject's own demos add over another subject's (suti minus "

@@ -207,6 +207,30 @@ def test_evaluation_table_shows_the_standard_error_beside_each_mean():
   assert "standard error over subjects" in markdown
 
 
+def test_paired_difference_cancels_what_subjects_share():
+  from suti import evaluate
+  # Subject difficulty moves both methods together; a beats b by 0.1, 0.05 and 0.2.
+  a = [{"dino": 0.3, "clip_t": 0.6, "num_images": 4}, {"dino": 0.55, "clip_t": 0.6,
+       "num_images": 4}, {"dino": 0.9, "clip_t": 0.5, "num_images": 4}]
+  b = [{"dino": 0.2, "clip_t": 0.6, "num_images": 4}, {"dino": 0.5, "clip_t": 0.6,
+       "num_images": 4}, {"dino": 0.7, "clip_t": 0.6, "num_images": 4}]
+  diff = metrics.paired_difference(a, b)
+  assert diff["dino"] == pytest.approx(metrics.aggregate(a)["dino"]
+                                       - metrics.aggregate(b)["dino"])
+  assert diff["dino_se"] == pytest.approx(np.std([0.1, 0.05, 0.2], ddof=1) / np.sqrt(3))
+  # Far below the unpaired error of the two rows, which carries the subjects' spread.
+  unpaired = np.hypot(metrics.aggregate(a)["dino_se"], metrics.aggregate(b)["dino_se"])
+  assert diff["dino_se"] < 0.25 * unpaired
+  assert diff["clip_t"] == pytest.approx(-0.1 / 3)
+  line = evaluate.format_paired(diff)
+  assert line.startswith("suti minus experts, paired over subjects")
+  assert f"DINO +0.117 ± {diff['dino_se']:.3f}" in line and "CLIP-T -0.033" in line
+  with pytest.raises(ValueError, match="same subjects"):
+    metrics.paired_difference(a, b[:2])
+  with pytest.raises(ValueError, match="image counts"):
+    metrics.paired_difference(a, [dict(s, num_images=2) for s in b])
+
+
 def test_auc():
   assert metrics.auc([2, 3], [0, 1]) == 1.0
   assert metrics.auc([0, 1], [2, 3]) == 0.0

@@ -53,6 +53,10 @@ def test_every_stage_ran_and_wrote_its_outputs(notebook_run):
       assert -1.0 <= row[metric] <= 1.0
   assert table["suti"]["seconds_per_subject"] > 0 and table["oracle"]["num_images"] == 4
   assert set(summary["evaluate"]["demo_curve"]) == {"1", "2", "3"}
+  paired = summary["evaluate"]["suti_minus_experts"]
+  for metric in ("dino", "clip_i", "clip_t"):
+    assert paired[metric] == pytest.approx(table["suti"][metric] - table["experts"][metric])
+    assert paired[metric + "_se"] >= 0
   assert ns["images"].shape == (4, 16, 16, 3)  # the notebook's last cell, from the export
 
 
@@ -61,6 +65,7 @@ def test_report_has_the_table_and_grids(notebook_run):
   report = (workdir / "report.md").read_text()
   assert "| method | DINO | CLIP-I | CLIP-T | MDINO | MCLIP-I | s/subject |" in report
   assert "| dream_suti |" in report and "SuTI over the number of demos" in report
+  assert "suti minus experts, paired over subjects" in report
   # Stage clip's summary nests its two scorers; their headlines reach the stage table.
   clip_row = next(line for line in report.splitlines() if line.startswith("| clip |"))
   assert "clip.identity_auc=" in clip_row and "dino.auc=" in clip_row, clip_row
