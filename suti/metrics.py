@@ -342,9 +342,9 @@ def paired_difference(per_subject_a: Sequence[dict], per_subject_b: Sequence[dic
 
   The mean is the difference of the two image-weighted means; its standard error comes from
   the per-subject differences, so what both methods share (a subject hard for every method)
-  cancels. That makes it much smaller than the two rows' standard errors combined: the test
-  of "SuTI at least the experts'" (issue 7). Needs both methods scored on the same subjects
-  with the same image counts.
+  cancels, and the error is smaller than the two rows' errors combined (on the bench, 0.025
+  DINO against 0.036). It is the test of "SuTI at least the experts'" (issue 7). Needs both
+  methods scored on the same subjects with the same image counts.
   """
   if len(per_subject_a) != len(per_subject_b) or not per_subject_a:
     raise ValueError(f"paired_difference needs the same subjects for both methods, got "
