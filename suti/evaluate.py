@@ -241,10 +241,19 @@ def demo_gain(table: dict) -> dict:
           if k in table["suti"] and k in table["suti_other_demos"]}
 
 
+def metric_label(metric: str) -> str:
+  return metric.upper().replace("_", "-")  # clip_i -> CLIP-I
+
+
+def _with_se(row: dict, metric: str, spec: str = ".3f") -> str:
+  """'0.742 ± 0.021': the value, and its standard error when the row has one."""
+  se = row.get(metric + "_se")
+  return f"{row[metric]:{spec}}" + ("" if se is None else f" ± {se:.3f}")
+
+
 def format_paired(difference: dict, a: str = "suti", b: str = "experts") -> str:
   """One line: a minus b per metric, with the paired standard error."""
-  cells = [f"{c.upper().replace('_', '-')} {difference[c]:+.3f}"
-           + (f" ± {difference[c + '_se']:.3f}" if c + "_se" in difference else "")
+  cells = [f"{metric_label(c)} {_with_se(difference, c, '+.3f')}"
            for c in METRIC_COLUMNS if c in difference]
   return (f"{a} minus {b}, paired over subjects (± : standard error of the per-subject "
           f"differences): " + ", ".join(cells) + ".")
@@ -253,11 +262,10 @@ def format_paired(difference: dict, a: str = "suti", b: str = "experts") -> str:
 def format_table(table: dict) -> str:
   """Markdown like the paper's Table 1: a row per method."""
   columns = [c for c in METRIC_COLUMNS if any(c in row for row in table.values())]
-  lines = ["| method | " + " | ".join(c.upper().replace("_", "-") for c in columns)
+  lines = ["| method | " + " | ".join(metric_label(c) for c in columns)
            + " | s/subject |", "|---" * (len(columns) + 2) + "|"]
   for name, row in table.items():
-    cells = [(f"{row[c]:.3f}" + (f" ± {row[c + '_se']:.3f}" if c + "_se" in row else ""))
-             if c in row else "" for c in columns]
+    cells = [_with_se(row, c) if c in row else "" for c in columns]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['seconds_per_subject']:.1f} |")
   if any(c + "_se" in row for row in table.values() for c in columns):
     lines.append("\n± : standard error over subjects (each subject's images drawn from its own "

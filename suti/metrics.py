@@ -354,16 +354,13 @@ def paired_difference(per_subject_a: Sequence[dict], per_subject_b: Sequence[dic
   if counts_a != counts_b:
     raise ValueError(f"paired_difference: image counts per subject differ: {counts_a} vs "
                      f"{counts_b}")
-  names = sorted(set.intersection(*({k for k in s if k != "num_images"}
-                                    for s in [*per_subject_a, *per_subject_b])))
-  weights = np.asarray(counts_a, np.float64)
-  out = {}
-  for name in names:
-    diffs = np.asarray([a[name] - b[name] for a, b in zip(per_subject_a, per_subject_b)],
-                       np.float64)
-    out[name] = float(np.sum(weights * diffs) / weights.sum())
-    if len(diffs) >= 2:
-      out[name + "_se"] = weighted_standard_error(diffs, weights)
+  names = set.intersection(*({k for k in s if k != "num_images"}
+                              for s in [*per_subject_a, *per_subject_b]))
+  # Per subject, a - b with its image count: aggregate's weighted mean and error of those.
+  differences = [dict({k: a[k] - b[k] for k in names}, num_images=n)
+                 for a, b, n in zip(per_subject_a, per_subject_b, counts_a)]
+  out = aggregate(differences)
+  del out["num_subjects"], out["num_images"]
   return out
 
 

@@ -94,7 +94,7 @@ def write_report(workdir, summary: dict) -> pathlib.Path:
     if evaluation.get("demo_gain"):
       gain = evaluation["demo_gain"]
       lines += ["", "What the subject's own demos add over another subject's (suti minus "
-                "suti_other_demos): " + ", ".join(f"{k.upper().replace('_', '-')} {v:+.3f}"
+                "suti_other_demos): " + ", ".join(f"{evaluate.metric_label(k)} {v:+.3f}"
                                                  for k, v in gain.items())
                 + ". (Near zero would mean the apprentice ignores its demos.)"]
     if evaluation.get("demo_curve"):
