@@ -16,7 +16,8 @@ Each record is one msgpack map (keys sorted, so the bytes are deterministic):
   round, seed, sample_index: int          admitted: bool
   extras: {str: float} (e.g. oracle similarity), may be empty
 The manifest also keeps every record's delta, so a new threshold is applied without reading
-the shards.
+the shards. A round filtered on identity too (info["min_demo_identity"]) keeps every record's
+extras["demo_identity"] in the manifest beside its delta, for the same reason.
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ _INT_FIELDS = ("seed", "sample_index")
 FIELDS = ("image", "demos", "demo_captions", *_STR_FIELDS, *_FLOAT_FIELDS, *_INT_FIELDS,
           "admitted")  # required in every record given to `commit_round`; plus optional
 OPTIONAL_FIELDS = ("round", "extras")
+# The identity filter (experts.min_demo_identity): a record's score, in extras, and the
+# round's threshold, in its info.
+IDENTITY = "demo_identity"
+IDENTITY_THRESHOLD = "min_demo_identity"
 
 
 class ManifestError(InputError):
@@ -206,9 +211,17 @@ class BufferWriter:
     records = list(records)
     encoded = [encode_record(r, round_index) for r in records]  # all checked before writing
     lam = info.get("threshold")
+    mu = info.get(IDENTITY_THRESHOLD)
     for r in records:
       if lam is not None and r["admitted"] and not r["delta"] > lam:
         raise ValueError(f"record field 'admitted': delta {r['delta']} <= threshold {lam}")
+      if mu is not None:
+        identity = (r.get("extras") or {}).get(IDENTITY)
+        if identity is None:
+          raise ValueError(f"record field 'extras.{IDENTITY}': missing, but the round's info "
+                           f"has {IDENTITY_THRESHOLD}={mu}")
+        if r["admitted"] and not identity >= mu:
+          raise ValueError(f"record field 'admitted': {IDENTITY} {identity} < {mu}")
     entry = {"round": round_index,
              "subject_ids": sorted(set(subject_ids) | {r["subject_id"] for r in records}),
              "info": info}
@@ -223,6 +236,8 @@ class BufferWriter:
       _commit_file(tmp, final)
       entry[kind] = {"file": shard_name(kind, round_index), "count": len(keep),
                      "deltas": [float(records[i]["delta"]) for i in keep]}
+      if mu is not None:  # so a re-applied lambda keeps the round's identity rule
+        entry[kind]["identities"] = [float(records[i]["extras"][IDENTITY]) for i in keep]
     manifest["rounds"].append(entry)
     tmp = self.directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -234,13 +249,16 @@ class BufferSource:
   """grain RandomAccessDataSource over the rounds committed when it was made.
 
   threshold=None: the admitted records. A float: records of both sets with delta > threshold,
-  i.e. lambda re-applied without re-running the experts. The view never changes under a
+  i.e. lambda re-applied without re-running the experts (a round committed with an identity
+  rule, info[IDENTITY_THRESHOLD], keeps it unless identity_rule=False: then every record with
+  delta > threshold, e.g. all of them at -inf). The view never changes under a
   running pipeline; `refresh()` returns a new source that sees rounds committed since.
   """
 
-  def __init__(self, directory, threshold: float | None = None):
+  def __init__(self, directory, threshold: float | None = None, identity_rule: bool = True):
     self.directory = pathlib.Path(directory)
     self.threshold = threshold
+    self.identity_rule = identity_rule
     self.manifest = read_manifest(self.directory)
     kinds = ("admitted",) if threshold is None else SETS
     paths, keys, offset = [], [], 0
@@ -252,7 +270,14 @@ class BufferSource:
         # "[0:n]": grain reads only what the manifest committed, without opening the file.
         paths.append(f"{self.directory / shard['file']}[0:{shard['count']}]")
         deltas = np.asarray(shard["deltas"], np.float64)
-        keep = np.arange(len(deltas)) if threshold is None else np.flatnonzero(deltas > threshold)
+        if threshold is None:
+          keep = np.arange(len(deltas))
+        else:
+          passed = deltas > threshold
+          mu = r["info"].get(IDENTITY_THRESHOLD)
+          if mu is not None and identity_rule:
+            passed &= np.asarray(shard["identities"], np.float64) >= mu
+          keep = np.flatnonzero(passed)
         keys.append(keep + offset)
         offset += len(deltas)
     self.rounds = [r["round"] for r in self.manifest["rounds"]]
@@ -272,7 +297,7 @@ class BufferSource:
     return (self[i] for i in range(len(self)))
 
   def refresh(self) -> BufferSource:
-    return BufferSource(self.directory, self.threshold)
+    return BufferSource(self.directory, self.threshold, self.identity_rule)
 
   def stats(self) -> dict[str, Any]:
     return stats(self.manifest)

@@ -3,11 +3,13 @@
 Each round dequeues the next K training subjects, fine-tunes one expert per subject from the
 base model (packed on the 'expert' mesh axis, `experts.parallel`), samples pseudo-targets for
 each subject's unseen prompts, scores every sample with delta-CLIP (Eq. 6) against its demos,
-and commits the round to the buffer: admitted samples (delta > lambda) and rejected ones, so
-lambda can be re-applied later.
+and commits the round to the buffer: admitted samples (delta > lambda and, with
+experts.min_demo_identity set, identity to the demos >= it) and rejected ones, so lambda can
+be re-applied later.
 
 Reads workdir/data (train clusters), the base checkpoint, workdir/clip (and workdir/dino for
-the world's oracle comparison); writes workdir/experts/:
+the world's oracle comparison and, with experts.min_demo_identity, the identity filter);
+writes workdir/experts/:
   buffer/                  the buffer G (experts.buffer): manifest.json + ArrayRecord shards
   logs/                    TensorBoard + metrics.jsonl: acceptance rate, delta histogram,
                            seconds per round, experts per hour
@@ -101,6 +103,31 @@ class OracleJudge:
              "oracle_clip_t": clip_oracle} for d in dino]
 
 
+class IdentityFilter:
+  """experts.min_demo_identity: a sample's identity is the mean cosine of its DINO-analogue
+  embedding to those of its own demos (the evaluation's DINO, against demos, not held-out
+  photos). delta-CLIP only asks that a sample follow its prompt better than the demos do; in
+  the world it does not see whether the expert drew *this* subject at all (RESULTS, issue 7).
+  """
+
+  def __init__(self, dino, threshold: float):
+    self.dino = dino
+    self.threshold = threshold
+
+  def scores(self, group, owners, targets) -> list[float]:
+    """One score per target; owners[i] = (index into group, sample index)."""
+    out = [0.0] * len(targets)
+    for k, cluster in enumerate(group):
+      rows = [i for i, (owner, _) in enumerate(owners) if owner == k]
+      if not rows:
+        continue
+      demos = self.dino.embed_images(np.stack(cluster.images))
+      samples = self.dino.embed_images(np.stack([targets[i] for i in rows]))
+      for i, value in zip(rows, (samples @ demos.T).mean(axis=1)):
+        out[i] = float(value)
+    return out
+
+
 def round_tiles(records) -> tuple[np.ndarray, int]:
   """(tiles, columns) of a round's grid: demos | pseudo-target | delta bar, a row per sample.
 
@@ -153,6 +180,8 @@ def run(config, workdir) -> dict:
   mesh = mesh_lib.mesh_from_config(config, parallel.AXIS)
   writer = train_lib.MetricWriter(out / "logs")
   threshold = float(ec.delta_clip_threshold)
+  identity = None if ec.min_demo_identity is None else IdentityFilter(
+      judge.dino if judge else scoring.load_dino(config, workdir), float(ec.min_demo_identity))
   per_subject = ec.prompts_per_subject * ec.samples_per_prompt
   start = time.time()
 
@@ -167,8 +196,10 @@ def run(config, workdir) -> dict:
           config, model, base_unet, shared, group, round_, mesh, prompts=prompts,
           callback=lambda step, losses: bar.update(1))
       records = score_round(config, clip, judge, group, prompts, images, finite, round_,
-                            threshold)
-      info = {"threshold": threshold, "seconds": round(time.time() - round_start, 2),
+                            threshold, identity)
+      info = {"threshold": threshold, **({} if identity is None else {
+                  buffer_lib.IDENTITY_THRESHOLD: identity.threshold}),
+              "seconds": round(time.time() - round_start, 2),
               "failed_experts": [c.subject_id for c, ok in zip(group, finite) if not ok],
               "losses": [float(x) for x in losses]}
       # Every process holds the same records (samples are gathered across hosts); one writes.
@@ -189,6 +220,7 @@ def run(config, workdir) -> dict:
       "failed_experts": sum(len(r["info"]["failed_experts"]) for r in manifest["rounds"]),
       "samples": stats["admitted"] + stats["rejected"], "admitted": stats["admitted"],
       "acceptance_rate": stats["acceptance_rate"], "threshold": threshold,
+      "min_demo_identity": ec.min_demo_identity,
       "samples_per_subject": per_subject, "buffer": str(buffer_dir(workdir)),
       "seconds_this_run": round(time.time() - start, 1), "devices": mesh.size,
   }
@@ -199,8 +231,12 @@ def run(config, workdir) -> dict:
   return summary
 
 
-def score_round(config, clip, judge, group, prompts, images, finite, round_, threshold):
-  """Buffer records for every sample of the round's finite experts (admitted or not)."""
+def score_round(config, clip, judge, group, prompts, images, finite, round_, threshold,
+                identity=None):
+  """Buffer records for every sample of the round's finite experts (admitted or not).
+
+  Admitted: delta > threshold, and with an `IdentityFilter`, identity >= its threshold.
+  """
   ec = config.experts
   targets, demos, flat_prompts, owners = [], [], [], []
   for k, (cluster, ok) in enumerate(zip(group, finite)):
@@ -225,16 +261,21 @@ def score_round(config, clip, judge, group, prompts, images, finite, round_, thr
       samples = np.stack([targets[i] for i in rows])
       for i, e in zip(rows, judge.extras(group[k], prompt, samples, clip)):
         extras[i] = e
+  if identity is not None:
+    for i, value in enumerate(identity.scores(group, owners, targets)):
+      extras[i] = {**extras[i], buffer_lib.IDENTITY: value}
   records = []
   for i, (k, j) in enumerate(owners):
     cluster = group[k]
     delta = float(scores["delta"][i])
+    admitted = delta > threshold and (identity is None or
+                                      extras[i][buffer_lib.IDENTITY] >= identity.threshold)
     records.append({
         "image": targets[i], "prompt": flat_prompts[i], "subject_id": cluster.subject_id,
         "demos": demos[i], "demo_captions": list(cluster.captions),
         "delta": delta, "clip_target": float(scores["clip_target"][i]),
         "clip_demos_max": float(scores["clip_demos_max"][i]),
-        "seed": int(config.seed), "sample_index": j, "admitted": delta > threshold,
+        "seed": int(config.seed), "sample_index": j, "admitted": admitted,
         "extras": extras[i]})
   return records
 
@@ -260,7 +301,8 @@ def log_round(writer, out, round_, records, info, num_subjects, bar) -> None:
 
 def oracle_comparison(directory) -> dict:
   """Admitted vs rejected samples against the world's oracle (empty for real photos)."""
-  everything = buffer_lib.BufferSource(directory, threshold=-math.inf)
+  everything = buffer_lib.BufferSource(directory, threshold=-math.inf,
+                                         identity_rule=False)
   rows = [(bool(r["admitted"]), r["extras"]) for r in everything]
   out = {}
   for key in ("oracle_dino", "demo_dino"):

@@ -174,6 +174,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts.prompts_per_subject = 1      # unseen prompts sampled per expert
   c.experts.min_demos = 3                # subjects with fewer images are skipped (counted)
   c.experts.delta_clip_threshold = 0.02  # lambda, on raw cosine
+  # None: the paper's filter (delta-CLIP only). A float: a sample is also admitted only if its
+  # mean identity cosine to its own demos (the DINO-analogue, scoring's `dino`) is at least
+  # this, so the apprentice learns from its teachers' faithful samples, not their misses
+  # (RESULTS, issue 7). Needs a DINO model (dino.path, or the world's).
+  c.experts.min_demo_identity = config_dict.placeholder(float)
   c.experts.num_rounds = 0               # 0: until the dataset is exhausted
 
   c.apprentice = ml_collections.ConfigDict()
@@ -391,6 +396,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if base_lr is not None and config.apprentice.freeze_base:
     raise ConfigError("apprentice.base_learning_rate is set but apprentice.freeze_base is "
                       "True: a frozen base does not train; unset one of them")
+  min_identity = config.experts.min_demo_identity
+  if min_identity is not None and not -1 <= min_identity <= 1:
+    raise ConfigError(f"experts.min_demo_identity is a cosine, so must be in [-1, 1] (or "
+                      f"unset), got {min_identity!r}")
   if not config.clip.identity_weight >= 0:
     raise ConfigError(f"clip.identity_weight must be >= 0, got {config.clip.identity_weight!r}")
   if not 0.0 <= config.pretrain.oracle_fraction <= 1.0:

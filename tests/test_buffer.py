@@ -83,6 +83,37 @@ def test_rejected_kept_and_refiltered(tmp_path):
   assert np.all(stats["deltas_admitted"] > LAM) and np.all(stats["deltas_rejected"] <= LAM)
 
 
+def test_identity_rule_is_kept_when_lambda_is_reapplied(tmp_path):
+  """A round filtered on identity too: the manifest keeps each record's identity, a re-applied
+  lambda re-admits only records that pass both, and the writer refuses a broken promise."""
+  mu = 0.5
+  records = make_records(0, n=12)
+  for r in records:
+    r["extras"]["demo_identity"] = float(r["extras"]["oracle"])  # uniform in [0, 1)
+    r["admitted"] = r["delta"] > LAM and r["extras"]["demo_identity"] >= mu
+  info = {"threshold": LAM, "min_demo_identity": mu}
+  entry = buffer_lib.BufferWriter(tmp_path).commit_round(0, records, info)
+  assert entry["admitted"]["identities"] == [r["extras"]["demo_identity"] for r in records
+                                             if r["admitted"]]
+  lower = LAM - 0.1
+  passing = [r for r in records if r["delta"] > lower and r["extras"]["demo_identity"] >= mu]
+  refiltered = list(buffer_lib.BufferSource(tmp_path, threshold=lower))
+  assert set(by_key(refiltered)) == set(by_key(passing))
+  assert 0 < len(passing) < sum(r["delta"] > lower for r in records)  # identity dropped some
+  everything = buffer_lib.BufferSource(tmp_path, threshold=-np.inf, identity_rule=False)
+  assert set(by_key(everything)) == set(by_key(records))
+  cheat = make_records(1, n=4)
+  for r in cheat:
+    r["extras"]["demo_identity"] = 0.1
+    r["admitted"] = True
+  with pytest.raises(ValueError, match=r"'admitted': demo_identity 0.1 < 0.5"):
+    buffer_lib.BufferWriter(tmp_path).commit_round(1, cheat, {"min_demo_identity": mu})
+  del cheat[0]["extras"]["demo_identity"]
+  with pytest.raises(ValueError, match=r"'extras.demo_identity': missing"):
+    buffer_lib.BufferWriter(tmp_path).commit_round(1, cheat, {"min_demo_identity": mu})
+  assert buffer_lib.BufferWriter(tmp_path).next_round() == 1  # nothing of round 1 committed
+
+
 def test_kill_before_manifest_then_recommit_is_identical(tmp_path, monkeypatch):
   clean, killed = tmp_path / "clean", tmp_path / "killed"
   commit(clean, 0)

@@ -58,6 +58,8 @@ def test_dreambench_config_requires_path():
                                      r"apprentice.demo_num_heads \(3\)"),
     ("apprentice.demo_num_heads", -1, "apprentice.demo_num_heads must be an integer >= 0"),
     ("pretrain.oracle_fraction", 1.5, r"pretrain.oracle_fraction must be in \[0, 1\], got 1.5"),
+    ("experts.min_demo_identity", 1.5, r"experts.min_demo_identity is a cosine, so must be in "
+                                       r"\[-1, 1\] \(or unset\), got 1.5"),
 ])
 def test_bad_values_name_key_and_value(key, value, message):
   config = load_config("demo")

@@ -45,7 +45,8 @@ def _workdir_from(base, path):
 
 
 def _all_records(workdir):
-  return list(buffer_lib.BufferSource(stage.buffer_dir(workdir), threshold=-math.inf))
+  return list(buffer_lib.BufferSource(stage.buffer_dir(workdir), threshold=-math.inf,
+                                      identity_rule=False))
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,41 @@ def test_the_filter_admits_exactly_delta_above_lambda(straight_run):
   median = float(np.median(deltas))
   again = buffer_lib.BufferSource(stage.buffer_dir(workdir), threshold=median)
   assert len(again) == int(np.sum(deltas > median)) > 0
+
+
+def test_identity_filter_admits_faithful_samples_only(base_workdir, straight_run, tmp_path):
+  """experts.min_demo_identity: the same samples and deltas, each scored for identity to its
+  demos (the world judge's demo_dino, computed the same way), admitted only if it also passes
+  the identity threshold; the rule is kept in the manifest and in a re-applied lambda."""
+  straight = _all_records(straight_run[0])
+  config = _config()
+  config.experts.num_rounds = 2
+  mu = float(np.median([r["extras"]["demo_dino"] for r in straight]))
+  config.experts.min_demo_identity = mu
+  config.experts.delta_clip_threshold = -0.3  # the tiny world's lambda (0.02) admits ~1 in 10
+  workdir = _workdir_from(base_workdir, tmp_path / "w")
+  summary = stage.run(config, workdir)
+  key = lambda r: (r["subject_id"], r["prompt"], int(r["sample_index"]))
+  records = sorted(_all_records(workdir), key=key)
+  lam = config.experts.delta_clip_threshold
+  straight = sorted((r for r in straight if r["round"] < 2), key=key)
+  assert len(records) == len(straight)
+  for a, b in zip(straight, records):
+    assert (a["subject_id"], a["prompt"], a["delta"]) == (b["subject_id"], b["prompt"],
+                                                           b["delta"])
+  identities = np.array([r["extras"]["demo_identity"] for r in records])
+  np.testing.assert_allclose(identities, [r["extras"]["demo_dino"] for r in records],
+                             atol=1e-5)
+  admitted = np.array([bool(r["admitted"]) for r in records])
+  deltas = np.array([r["delta"] for r in records])
+  np.testing.assert_array_equal(admitted, (deltas > lam) & (identities >= mu))
+  assert 0 < admitted.sum() < (deltas > lam).sum()  # the identity rule drops some
+  assert (deltas > lam).sum() < len(deltas)  # and so does lambda
+  assert summary["admitted"] == admitted.sum() and summary["min_demo_identity"] == mu
+  manifest = buffer_lib.read_manifest(stage.buffer_dir(workdir))
+  assert all(r["info"]["min_demo_identity"] == mu for r in manifest["rounds"])
+  again = buffer_lib.BufferSource(stage.buffer_dir(workdir), threshold=-math.inf)
+  assert len(again) == int(np.sum(identities >= mu))
 
 
 def test_round_artifacts_are_written(straight_run):
