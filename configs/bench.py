@@ -20,8 +20,8 @@ of configs/demo.py, with
   512 images it would add ~20 minutes).
 
 The demo keeps 32 subjects, no identity filter and 1000 steps to stay under 20 minutes on the
-slowest 2-core CPU measured; the bench's stages took about 54 minutes on a 2-core Xeon,
-about 90 at the Zen 3's speed (docs/RESULTS.md). `:32` / `:64` as in the demo."""
+slowest 2-core CPU measured; the bench took 43 minutes cold on a 2-core Xeon, about 75 at
+the Zen 3's speed (docs/RESULTS.md). `:32` / `:64` as in the demo."""
 import pathlib
 
 from suti import config_lib
