@@ -84,7 +84,7 @@ class OracleJudge:
     self.world = world_lib.from_config(config)
     self.dino = scoring.load_dino(config, workdir)
     self.seed = config.seed
-    self._demo_embeddings = {}  # subject id -> DINO [n, D]: one pass per subject, not prompt
+    self.identity = DemoIdentity(self.dino)
 
   def extras(self, cluster, prompt: str, samples: np.ndarray, clip) -> list[dict]:
     if not cluster.spec:
@@ -92,15 +92,26 @@ class OracleJudge:
     subject = world_lib.Subject.from_json(cluster.spec)
     oracle, _ = self.world.render(subject, prompt, self.seed)
     oracle_dino = self.dino.embed_images(oracle[None])[0]
+    dino = self.dino.embed_images(samples)
+    clip_oracle = float(clip.score(oracle[None], [prompt])[0])
+    return [{"oracle_dino": float(d @ oracle_dino), "demo_dino": float(demo),
+             "oracle_clip_t": clip_oracle}
+            for d, demo in zip(dino, self.identity(cluster, dino))]
+
+
+class DemoIdentity:
+  """A sample's identity to its subject: the mean cosine of its DINO-analogue embedding to
+  those of the subject's demos (embedded once per subject, not per prompt or round)."""
+
+  def __init__(self, dino):
+    self.dino = dino
+    self._demo_embeddings = {}  # subject id -> [n, D]
+
+  def __call__(self, cluster, sample_embeddings: np.ndarray) -> np.ndarray:
     if cluster.subject_id not in self._demo_embeddings:
       self._demo_embeddings[cluster.subject_id] = self.dino.embed_images(
           np.stack(cluster.images))
-    demos_dino = self._demo_embeddings[cluster.subject_id]
-    dino = self.dino.embed_images(samples)
-    clip_oracle = float(clip.score(oracle[None], [prompt])[0])
-    return [{"oracle_dino": float(d @ oracle_dino),
-             "demo_dino": float(np.mean(demos_dino @ d)),
-             "oracle_clip_t": clip_oracle} for d in dino]
+    return (sample_embeddings @ self._demo_embeddings[cluster.subject_id].T).mean(axis=1)
 
 
 class IdentityFilter:
@@ -110,8 +121,8 @@ class IdentityFilter:
   the world it does not see whether the expert drew *this* subject at all (RESULTS, issue 7).
   """
 
-  def __init__(self, dino, threshold: float):
-    self.dino = dino
+  def __init__(self, identity: DemoIdentity, threshold: float):
+    self.identity = identity
     self.threshold = threshold
 
   def scores(self, group, owners, targets) -> list[float]:
@@ -121,9 +132,8 @@ class IdentityFilter:
       rows = [i for i, (owner, _) in enumerate(owners) if owner == k]
       if not rows:
         continue
-      demos = self.dino.embed_images(np.stack(cluster.images))
-      samples = self.dino.embed_images(np.stack([targets[i] for i in rows]))
-      for i, value in zip(rows, (samples @ demos.T).mean(axis=1)):
+      samples = self.identity.dino.embed_images(np.stack([targets[i] for i in rows]))
+      for i, value in zip(rows, self.identity(cluster, samples)):
         out[i] = float(value)
     return out
 
@@ -180,8 +190,10 @@ def run(config, workdir) -> dict:
   mesh = mesh_lib.mesh_from_config(config, parallel.AXIS)
   writer = train_lib.MetricWriter(out / "logs")
   threshold = float(ec.delta_clip_threshold)
+  # With the world's judge, the filter shares its DINO model and demo embeddings.
   identity = None if ec.min_demo_identity is None else IdentityFilter(
-      judge.dino if judge else scoring.load_dino(config, workdir), float(ec.min_demo_identity))
+      judge.identity if judge else DemoIdentity(scoring.load_dino(config, workdir)),
+      float(ec.min_demo_identity))
   per_subject = ec.prompts_per_subject * ec.samples_per_prompt
   start = time.time()
 
