@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.world.seed = 0
   c.data.world.num_train_subjects = 64
   c.data.world.num_eval_subjects = 16
+  # Held-out subjects from this index on: set it to a test run's num_eval_subjects to get a
+  # validation set disjoint from the test subjects, for choosing settings without them.
+  c.data.world.first_eval_subject = 0
   c.data.world.min_images = 3
   c.data.world.max_images = 6
   c.data.world.num_unseen_prompts = 4
@@ -327,7 +330,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "apprentice.sample_every", "apprentice.num_sample_subjects", "apprentice.demo_mlp_ratio",
       "apprentice.demo_num_heads",
       "evaluate.prompts_per_subject", "evaluate.sample_steps", "evaluate.max_demos",
-  ], allow_zero=("evaluate.prompts_per_subject", "evaluate.max_demos", "apprentice.demo_mlp_ratio",
+      "data.world.first_eval_subject",
+  ], allow_zero=("evaluate.prompts_per_subject", "evaluate.max_demos",
+                 "data.world.first_eval_subject", "apprentice.demo_mlp_ratio",
                  "apprentice.demo_num_heads", "experts.experts_per_device", "experts.num_rounds",
                  "apprentice.finetune_steps", "pretrain.warmup_steps",
                  "apprentice.warmup_steps", "apprentice.num_sample_subjects"))

@@ -61,3 +61,21 @@ def test_pairs_are_each_cluster_image_decoded_once(tmp_path, monkeypatch):
   assert sorted(reads) == list(range(len(clusters)))  # each cluster decoded once
   # The decoded images are shared by every read, so no consumer may write into them.
   assert not pairs[0]["image"].flags.writeable
+
+
+def test_first_eval_subject_gives_a_validation_set_disjoint_from_the_test_subjects(tmp_path):
+  config = config_lib.validate(load_config("tiny"))
+  config.data.world.num_train_subjects = 2
+  config.data.world.num_eval_subjects = 3
+  builder.build(config, tmp_path / "test")
+  config.data.world.first_eval_subject = 3
+  builder.build(config, tmp_path / "validation")
+  test = list(pipeline.ClusterSource(tmp_path / "test", "eval"))
+  validation = list(pipeline.ClusterSource(tmp_path / "validation", "eval"))
+  assert sorted(c.subject_id for c in test) == ["eval-00000", "eval-00001", "eval-00002"]
+  assert sorted(c.subject_id for c in validation) == ["eval-00003", "eval-00004", "eval-00005"]
+  identities = lambda clusters: {world_lib.Subject.from_json(c.spec).identity() for c in clusters}
+  assert not identities(test) & identities(validation)
+  # The training subjects do not move.
+  assert ([c.spec for c in pipeline.ClusterSource(tmp_path / "test", "train")]
+          == [c.spec for c in pipeline.ClusterSource(tmp_path / "validation", "train")])

@@ -56,6 +56,8 @@ def test_subjects_are_deterministic_and_prefix_stable():
   assert a.subjects("train", 40)[:7] == a.subjects("train", 7)
   assert a.subjects("train", 40) != World(seed=1).subjects("train", 40)
   assert a.subjects("eval", 0) == []
+  # A start offset gives the same subjects as the longer prefix's tail (validation sets).
+  assert a.subjects("eval", 5, start=3) == a.subjects("eval", 8)[3:]
 
 
 def test_subjects_cover_categories_and_are_distinct(w32):
@@ -403,6 +405,11 @@ def test_clusters_draw_image_counts_in_range():
   assert [c.subject_id for c in clusters] == [s.subject_id for s in w.subjects("train", 12)]
   again = [len(c.images) for c in w.clusters("train", 12, 2, 4, 2)]
   assert again == counts
+  tail = list(w.clusters("train", 4, 2, 4, 2, start=8))
+  assert [c.subject_id for c in tail] == [c.subject_id for c in clusters[8:]]
+  assert [len(c.images) for c in tail] == counts[8:]
+  for got, want in zip(tail, clusters[8:]):
+    np.testing.assert_array_equal(got.images[0], want.images[0])
 
 
 def test_from_config_uses_world_seed_and_image_size():
@@ -440,6 +447,10 @@ def test_methods_reject_bad_arguments(w32):
     w32.subjects("train", -1)
   with pytest.raises(ValueError, match="exceeds the 'eval' split's capacity"):
     w32.subjects("eval", w32.capacity("eval") + 1)
+  with pytest.raises(ValueError, match=r"start 1 \+ count .* exceeds the 'eval' split"):
+    w32.subjects("eval", w32.capacity("eval"), start=1)
+  with pytest.raises(ValueError, match="start must be an integer >= 0, got -1"):
+    w32.subjects("eval", 1, start=-1)
   with pytest.raises(ValueError, match="num_images must be an integer >= 0, got -2"):
     w32.cluster(subject, -2, 1)
   with pytest.raises(ValueError, match="seed must be an integer >= 0, got -3"):

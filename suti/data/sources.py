@@ -94,10 +94,11 @@ def world_clusters(config) -> dict[str, Iterator[SubjectCluster]]:
   from suti.data import world as world_lib  # rendering code is only needed for this source
   world = world_lib.from_config(config)
   wc = config.data.world
-  counts = {"train": wc.num_train_subjects, "eval": wc.num_eval_subjects}
+  ranges = {"train": (0, wc.num_train_subjects),
+            "eval": (wc.first_eval_subject, wc.num_eval_subjects)}
   return {split: world.clusters(split, count, wc.min_images, wc.max_images,
-                                wc.num_unseen_prompts)
-          for split, count in counts.items()}
+                                wc.num_unseen_prompts, start=start)
+          for split, (start, count) in ranges.items()}
 
 
 # ----------------------------------------------------------------------------- dreambench

@@ -800,18 +800,20 @@ class World:
     CLIP's and the base's oracle renders draw from. No eval identity is ever among them."""
     return self.subjects("train", min(count, self.capacity("train")))
 
-  def subjects(self, split: str, count: int) -> list[Subject]:
-    """The first `count` subjects of a split; categories take turns so all are covered."""
+  def subjects(self, split: str, count: int, start: int = 0) -> list[Subject]:
+    """Subjects start..start+count-1 of a split (subject i is the same whatever the count);
+    categories take turns so all are covered."""
     self._check_split(split)
     _check_count("count", count)
-    if count > self.capacity(split):
-      raise ValueError(f"count {count} exceeds the {split!r} split's capacity "
-                       f"{self.capacity(split)}")
+    _check_count("start", start)
+    if start + count > self.capacity(split):
+      raise ValueError(f"start {start} + count {count} exceeds the {split!r} split's "
+                       f"capacity {self.capacity(split)}")
     split_code = SPLITS.index(split)
     category_order = np.random.default_rng([self.seed, split_code, 0xCA7]).permutation(
         len(CATEGORIES))
     subjects = []
-    for i in range(count):
+    for i in range(start, start + count):
       c = int(category_order[i % len(CATEGORIES)])
       pattern, (primary, secondary) = self._split_keys[split][c][i // len(CATEGORIES)]
       rng = np.random.default_rng([self.seed, split_code, i])
@@ -976,8 +978,8 @@ class World:
         masks=[mask for _, mask in renders], spec=subject.to_json())
 
   def clusters(self, split: str, count: int, min_images: int, max_images: int,
-               num_unseen_prompts: int) -> Iterator[SubjectCluster]:
-    """Clusters of the first `count` subjects, with [min_images, max_images] images each.
+               num_unseen_prompts: int, start: int = 0) -> Iterator[SubjectCluster]:
+    """Clusters of subjects start..start+count-1, with [min_images, max_images] images each.
 
     Arguments are checked now; clusters are rendered lazily, one per step.
     """
@@ -986,10 +988,10 @@ class World:
     _check_count("num_unseen_prompts", num_unseen_prompts)
     if min_images > max_images:
       raise ValueError(f"min_images ({min_images}) must be <= max_images ({max_images})")
-    subjects = self.subjects(split, count)
+    subjects = self.subjects(split, count, start)
     split_code = SPLITS.index(split)
     num_images = [int(np.random.default_rng([self.seed, split_code, i, 0x1C]).integers(
-        min_images, max_images + 1)) for i in range(count)]
+        min_images, max_images + 1)) for i in range(start, start + count)]
     return (self.cluster(s, n, num_unseen_prompts) for s, n in zip(subjects, num_images))
 
 
