@@ -1,27 +1,26 @@
 """Bench: the demo's pipeline at 6x the expert subjects, an identity filter on the buffer and
-3x the apprentice steps (issue 7).
+3x the apprentice steps, evaluated on 96 held-out subjects (issue 7).
 
 `python -m suti.launch --config=configs/bench.py`: the 16x16 world, shipped base and scorers
 of configs/demo.py, with
 - 24 rounds of 8 experts (192 training subjects, 2 unseen prompts each, 768 samples) where
-  the demo has 4 rounds (32 subjects, 4 prompts each);
+  the demo has 4 rounds (32 subjects, 4 prompts each); 48 rounds gained nothing more;
 - an identity filter beside delta-CLIP (experts.min_demo_identity 0.87: a sample's mean
   DINO-analogue cosine to its own demos), which keeps 351 of the 768: delta-CLIP alone does
   not see whether an expert drew its subject at all (in this world it admits 95% of the
-  samples, uncorrelated with their DINO to the true render). On 512 held-out images, paired
-  over subjects, SuTI's DINO went from 0.024 under the experts' (no identity filter) to 0.008
-  (0.75) and 0.004 under (0.87), its CLIP-I from 0.020 to 0.009 and 0.005 under, CLIP-T within
-  0.003 (docs/RESULTS.md);
-- 3000 apprentice steps where the demo trains 1000: on the 96-subject buffer SuTI's DINO went
-  from 0.065 under the experts' to 0.012 under; 6000 steps gained nothing more;
-- SuTI sampled with separate demo and text guidance (`image_first`, demos 2.5, text 1.25);
-- evaluation on 32 held-out subjects x 4 prompts x 4 images (512 images a row; 128 left
-  the comparison inside the seed noise), without the 1-4 demo curve (the demo draws it; at
-  512 images it would add ~20 minutes).
+  samples, uncorrelated with their DINO to the true render);
+- 3000 apprentice steps where the demo trains 1000 (at 1000 the apprentice underfit);
+- SuTI sampled with separate demo and text guidance (`image_first`, demos 2.5, text 1.5;
+  the text guidance chosen on validation subjects 96-127, `data.world.first_eval_subject`);
+- evaluation on 96 held-out subjects x 4 prompts x 2 images (768 images a row: the error is
+  mostly between subjects, and on 32 of them the SuTI-experts difference moved by 0.03-0.06
+  DINO with the subjects drawn), without the 1-4 demo curve (the demo draws it).
+On those, paired over subjects, SuTI minus the experts: DINO +0.014 ± 0.016, CLIP-I +0.007 ±
+0.008, CLIP-T -0.003 ± 0.004 (docs/RESULTS.md).
 
 The demo keeps 32 subjects, no identity filter and 1000 steps to stay under 20 minutes on the
-slowest 2-core CPU measured; the bench took 43 minutes cold on a 2-core Xeon, about 75 at
-the Zen 3's speed (docs/RESULTS.md). `:32` / `:64` as in the demo."""
+slowest 2-core CPU measured; the bench's stages took about 54 minutes on a 2-core Xeon, about
+95 at the Zen 3's speed (docs/RESULTS.md). `:32` / `:64` as in the demo."""
 import pathlib
 
 from suti import config_lib
