@@ -1,5 +1,6 @@
 """The world dataset round trip: what the builder writes is exactly what the world rendered."""
 import numpy as np
+import pytest
 
 from suti import config_lib
 from suti.data import builder, pipeline, world as world_lib
@@ -68,12 +69,20 @@ def test_first_eval_subject_gives_a_validation_set_disjoint_from_the_test_subjec
   config.data.world.num_train_subjects = 2
   config.data.world.num_eval_subjects = 3
   builder.build(config, tmp_path / "test")
+  # A dataset built before the field existed (its fingerprint lacks it) is still reused.
+  fingerprint = tmp_path / "test" / builder.FINGERPRINT_FILE
+  assert "first_eval_subject" not in fingerprint.read_text()
+  assert builder.build(config, tmp_path / "test")["splits"]["eval"] == 3
   config.data.world.first_eval_subject = 3
   builder.build(config, tmp_path / "validation")
   test = list(pipeline.ClusterSource(tmp_path / "test", "eval"))
   validation = list(pipeline.ClusterSource(tmp_path / "validation", "eval"))
   assert sorted(c.subject_id for c in test) == ["eval-00000", "eval-00001", "eval-00002"]
   assert sorted(c.subject_id for c in validation) == ["eval-00003", "eval-00004", "eval-00005"]
+  # Another validation set is another dataset: the folder is not silently reused.
+  config.data.world.first_eval_subject = 4
+  with pytest.raises(builder.DatasetError, match="built from another data config"):
+    builder.build(config, tmp_path / "validation")
   identities = lambda clusters: {world_lib.Subject.from_json(c.spec).identity() for c in clusters}
   assert not identities(test) & identities(validation)
   # The training subjects do not move.
