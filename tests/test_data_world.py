@@ -1,4 +1,6 @@
 """The world dataset round trip: what the builder writes is exactly what the world rendered."""
+import json
+
 import numpy as np
 import pytest
 
@@ -71,8 +73,11 @@ def test_first_eval_subject_gives_a_validation_set_disjoint_from_the_test_subjec
   builder.build(config, tmp_path / "test")
   # A dataset built before the field existed (its fingerprint lacks it) is still reused.
   fingerprint = tmp_path / "test" / builder.FINGERPRINT_FILE
-  assert "first_eval_subject" not in fingerprint.read_text()
+  stored = json.loads(fingerprint.read_text())
+  del stored["data"]["world"]["first_eval_subject"]
+  fingerprint.write_text(json.dumps(stored))
   assert builder.build(config, tmp_path / "test")["splits"]["eval"] == 3
+  assert "first_eval_subject" not in fingerprint.read_text()  # reused, not rewritten
   config.data.world.first_eval_subject = 3
   builder.build(config, tmp_path / "validation")
   test = list(pipeline.ClusterSource(tmp_path / "test", "eval"))

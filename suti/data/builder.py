@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from suti import files
+from suti import config_lib
 from suti.config_lib import InputError
 from suti.data import images as images_lib
 from suti.data import sources
@@ -118,12 +119,17 @@ class SubjectClusters(tfds.core.GeneratorBasedBuilder):
 
 def _fingerprint(config) -> dict:
   """What the dataset's content depends on: rebuilding with another value is a new dataset."""
-  data = config.data.to_dict()
-  if not data["world"].get("first_eval_subject"):
-    # The default leaves the dataset as it was before the field existed: workdirs built
-    # then keep matching.
-    data["world"].pop("first_eval_subject", None)
-  return {"image_size": config.image_size, "data": data}
+  return {"image_size": config.image_size, "data": config.data.to_dict()}
+
+
+def _with_new_fields(stored, defaults):
+  """A stored fingerprint with the data fields added since it was written, at their defaults.
+
+  A new field's default keeps the dataset as it was built before the field existed, so
+  workdirs built then keep matching; stored values always win."""
+  if not isinstance(stored, dict) or not isinstance(defaults, dict):
+    return stored
+  return {**defaults, **{k: _with_new_fields(v, defaults.get(k)) for k, v in stored.items()}}
 
 
 def dataset_dir(out_dir, config) -> pathlib.Path:
@@ -141,7 +147,8 @@ def build(config, out_dir) -> dict:
   summary_path = out_dir / SUMMARY_FILE
   fingerprint = _fingerprint(config)
   if fingerprint_path.exists():
-    existing = json.loads(fingerprint_path.read_text())
+    existing = _with_new_fields(json.loads(fingerprint_path.read_text()),
+                                {"data": config_lib.base_config().data.to_dict()})
     if existing != fingerprint:
       raise DatasetError(f"{out_dir} holds a dataset built from another data config "
                          f"({fingerprint_path}); use another output folder or remove it")
