@@ -19,8 +19,8 @@ On those, paired over subjects, SuTI minus the experts: DINO +0.014 ± 0.016, CL
 0.008, CLIP-T -0.003 ± 0.004 (docs/RESULTS.md).
 
 The demo keeps 32 subjects, no identity filter and 1000 steps to stay under 20 minutes on the
-slowest 2-core CPU measured; the bench's stages took about 48 minutes on a 2-core Xeon, about
-84 at the Zen 3's speed (docs/RESULTS.md). `:32` / `:64` as in the demo."""
+slowest 2-core CPU measured; the bench, cold, took 50 minutes on a 2-core Xeon, about 85 at
+the Zen 3's speed (docs/RESULTS.md). `:32` / `:64` as in the demo."""
 import pathlib
 
 from suti import config_lib

@@ -10,7 +10,7 @@ model learns the world's scenes and coloured subjects (docs/RESULTS.md, issue 7)
 takes 19 minutes on a 2-core Zen 3 CPU (experts 6, apprentice 9, evaluate 3.5).
 configs/bench.py is the same recipe with 6x the expert subjects, an identity filter on the
 buffer, 3x the apprentice steps and a 768-image evaluation on 96 held-out subjects (about
-48 minutes on a 2-core Xeon). `:32` and `:64` select larger
+50 minutes on a 2-core Xeon). `:32` and `:64` select larger
 images with the same network shape (attention at the same fractions of the image); they need
 far more pre-training than the demo's to draw subjects.
 
