@@ -43,8 +43,10 @@ def main():
 
   config = config_lib.validate(load_config(args.config, args.set))
   config.experts.samples_per_prompt = 1
-  if not config.pretrain.base_checkpoint:
-    raise SystemExit("--config needs pretrain.base_checkpoint (e.g. embedded:world_base_16)")
+  for key in ("pretrain.base_checkpoint", "clip.path", "dino.path"):  # no workdir to train them
+    section, field = key.split(".")
+    if not config[section][field]:
+      raise SystemExit(f"--config needs {key} (configs/demo.py's: embedded:world_*_16)")
   no_workdir = os.devnull  # every model here comes from the config's paths
   model, trainable, frozen = pretrain.load_base(config, no_workdir)
   world = world_lib.from_config(config)

@@ -19,7 +19,8 @@ Each mean comes with its standard error over subjects, and SuTI's difference fro
 prompts and seeds, so what is hard for both cancels and the error is what the difference has.
 
 Writes workdir/evaluate/: methods/<name>.npz (each method's images and seconds, so an
-interrupted run resumes at the next method), grid.png (a row per subject: demos | each
+interrupted run resumes at the next method, with a key of what they depend on: a method whose
+settings, base or apprentice checkpoint changed since is drawn again), grid.png (a row per subject: demos | each
 method | oracle, first prompt), table.md (Table 1 of the paper, then the paired line),
 summary.json (`table`, `suti_minus_experts`, `demo_curve`, `demo_gain`).
 """
@@ -201,16 +202,72 @@ def methods_to_run(config, num_subjects: int) -> list[str]:
   return names
 
 
-def _cached(path: pathlib.Path, fn):
-  """A method's (images, seconds), computed once: saved to `path` (npz) for resumes."""
+def _latest_checkpoint(directory) -> list | None:
+  """[step, mtime in ns] of a checkpoint directory's newest step (None if none): a model
+  trained again to the same step is saved anew, with a new mtime."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return None
+  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()]
+  if not steps:
+    return None
+  return [max(steps), (directory / str(max(steps))).stat().st_mtime_ns]
+
+
+# Settings that cannot change a method's images: the experts stage's buffer (evaluate
+# fine-tunes its own experts) and how often training logs.
+_NOT_IN_KEY = {"experts": ("num_rounds", "delta_clip_threshold", "min_demo_identity"),
+               "apprentice": ("log_every", "checkpoint_every", "sample_every")}
+
+
+def _section(config, name: str) -> dict:
+  return {k: v for k, v in config[name].to_dict().items() if k not in _NOT_IN_KEY[name]}
+
+
+def method_key(config, workdir, name: str, clusters, prompts) -> str:
+  """What the images of method `name` (or `suti_N_demos`) depend on, as JSON.
+
+  A saved method whose key differs (e.g. drawn before the apprentice was trained again, or
+  with another guidance) is drawn again instead of being mixed into a new table."""
+  from apprentice import stage as apprentice_stage  # pylint: disable=import-outside-toplevel
+  ev = config.evaluate
+  key = {"method": name, "seed": config.seed, "sampler": ev.sampler,
+         "sample_steps": ev.sample_steps, "images_per_prompt": ev.images_per_prompt,
+         "subjects": [c.subject_id for c in clusters], "prompts": [list(p) for p in prompts]}
+  if name != "oracle":  # every other method samples the base or a model made from it
+    key.update(image_size=config.image_size, model=config.model.to_dict(),
+               diffusion=config.diffusion.to_dict(), guidance=config.experts.guidance,
+               base=[config.pretrain.base_checkpoint,
+                     _latest_checkpoint(pretrain.base_checkpoint_dir(config, workdir))])
+  if name == "experts":
+    key["experts"] = _section(config, "experts")
+  if name.startswith("suti") or name == "dream_suti":
+    key.update(apprentice=_section(config, "apprentice"),
+               apprentice_checkpoint=_latest_checkpoint(apprentice_stage.checkpoint_dir(workdir)))
+  return json.dumps(key, sort_keys=True, default=str)
+
+
+def _changed_fields(stored: str, key: str) -> list[str]:
+  old, new = json.loads(stored), json.loads(key)
+  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def load_or_draw(path: pathlib.Path, fn, key: str):
+  """A method's (images, seconds), computed once: saved to `path` (npz) with `key` (see
+  `method_key`), and read back on a resume only while the key still matches."""
   if path.exists():
     data = np.load(path)
-    count = int(data["count"])
-    return [data[f"images_{i}"] for i in range(count)], list(data["seconds"])
+    stored = str(data["key"]) if "key" in data.files else None
+    if stored == key:
+      count = int(data["count"])
+      return [data[f"images_{i}"] for i in range(count)], list(data["seconds"])
+    changed = _changed_fields(stored, key) if stored else ["(saved without a key)"]
+    log.warning("evaluate: %s was drawn with other %s; drawing it again", path,
+                ", ".join(changed))
   images, seconds = fn()
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.stem + ".tmp.npz")
-  np.savez(tmp, count=len(images), seconds=np.asarray(seconds),
+  np.savez(tmp, count=len(images), seconds=np.asarray(seconds), key=np.asarray(key),
            **{f"images_{i}": x for i, x in enumerate(images)})
   tmp.replace(path)
   return images, seconds
@@ -304,8 +361,10 @@ def run(config, workdir) -> dict:
   bar = train_lib.progress(len(names), 0, "evaluate")
   for name in names:
     bar.set_description(f"evaluate {name}")
-    images[name], seconds = _cached(out / "methods" / f"{name}.npz",
-                                    lambda: runners[name](config, models, clusters, prompts))
+    images[name], seconds = load_or_draw(
+        out / "methods" / f"{name}.npz",
+        lambda: runners[name](config, models, clusters, prompts),
+        method_key(config, workdir, name, clusters, prompts))
     per_subject[name] = score_subjects(images[name], prompts, clusters, clip, dino,
                                        ev.images_per_prompt)
     table[name] = dict(metrics.aggregate(per_subject[name]),
@@ -320,8 +379,9 @@ def run(config, workdir) -> dict:
       # The method row already drew SuTI with num_inference_demos demos: same images.
       path = (out / "methods" / "suti.npz" if n == config.apprentice.num_inference_demos
               else out / "methods" / f"suti_{n}_demos.npz")
-      imgs, seconds = _cached(path, lambda: run_suti(config, models, clusters, prompts,
-                                                     num_demos=n))
+      imgs, seconds = load_or_draw(
+          path, lambda: run_suti(config, models, clusters, prompts, num_demos=n),
+          method_key(config, workdir, path.stem, clusters, prompts))
       row = score(imgs, prompts, clusters, clip, dino, ev.images_per_prompt)
       curve[str(n)] = dict({k: row[k] for k in ("dino", "clip_i", "clip_t") if k in row},
                            seconds_per_subject=float(np.mean(seconds)))

@@ -125,6 +125,56 @@ def test_the_other_demos_control_gives_each_subject_the_next_subjects_demos(monk
   assert evaluate.demo_gain(table) == {"dino": 0.25, "clip_i": 0.0}
 
 
+def test_evaluate_draws_a_saved_method_again_when_what_made_it_changed(tmp_path, caplog):
+  """A resumed evaluate reads back a method's saved images only while everything they depend
+  on is the same, so a table never mixes images drawn with different settings or models."""
+  import copy  # pylint: disable=import-outside-toplevel
+  from suti import evaluate  # pylint: disable=import-outside-toplevel
+  from suti.data.types import SubjectCluster  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+  clusters = [SubjectCluster(subject_id=f"s{i}", class_name="ball", images=[], captions=[],
+                             prompts=[f"p{i}"], masks=[], spec="") for i in range(2)]
+  prompts = [c.prompts for c in clusters]
+
+  def key(cfg, name):
+    return evaluate.method_key(cfg, tmp_path, name, clusters, prompts)
+
+  draws = []
+
+  def draw():
+    draws.append(len(draws) + 1)
+    return [np.full((1, 4, 4, 3), draws[-1], np.uint8)], [0.5]
+
+  path = tmp_path / "evaluate" / "methods" / "suti.npz"
+  first, seconds = evaluate.load_or_draw(path, draw, key(config, "suti"))
+  again, again_seconds = evaluate.load_or_draw(path, draw, key(config, "suti"))
+  assert draws == [1] and again[0][0, 0, 0, 0] == 1 and again_seconds == seconds == [0.5]
+
+  # Another guidance for SuTI changes SuTI's key only; the experts' fine-tuning steps change
+  # the experts' only; the experts stage's buffer settings change neither.
+  other = copy.deepcopy(config)
+  other.apprentice.guidance = config.apprentice.guidance + 1.0
+  assert key(other, "suti") != key(config, "suti")
+  assert key(other, "experts") == key(config, "experts")
+  other = copy.deepcopy(config)
+  other.experts.num_steps += 1
+  assert key(other, "experts") != key(config, "experts")
+  assert key(other, "oracle") == key(config, "oracle")
+  other.experts.num_rounds += 1
+  other.experts.num_steps -= 1
+  assert key(other, "experts") == key(config, "experts")
+
+  # The apprentice trained (again): its newest checkpoint is new, so SuTI is drawn again.
+  (tmp_path / "apprentice" / "checkpoints" / "10").mkdir(parents=True)
+  redrawn, _ = evaluate.load_or_draw(path, draw, key(config, "suti"))
+  assert draws == [1, 2] and redrawn[0][0, 0, 0, 0] == 2
+  assert "suti.npz was drawn with other apprentice_checkpoint; drawing it again" in caplog.text
+  # A method saved before keys were (no key in the file) is drawn again too.
+  np.savez(path, count=1, seconds=np.asarray([0.1]), images_0=np.zeros((1, 4, 4, 3), np.uint8))
+  evaluate.load_or_draw(path, draw, key(config, "suti"))
+  assert draws == [1, 2, 3]
+
+
 def test_evaluate_runs_on_a_dreambench_folder_with_given_scoring_models(notebook_run, tmp_path,
                                                                          real_dirs):
   """configs/dreambench.py's path: real photos in DreamBench's layout, pretrained CLIP / DINO
