@@ -261,9 +261,9 @@ def load_or_draw(path: pathlib.Path, fn, key: str):
     if stored == key:
       count = int(data["count"])
       return [data[f"images_{i}"] for i in range(count)], list(data["seconds"])
-    changed = _changed_fields(stored, key) if stored else ["(saved without a key)"]
-    log.warning("evaluate: %s was drawn with other %s; drawing it again", path,
-                ", ".join(changed))
+    reason = (f"was drawn with other {', '.join(_changed_fields(stored, key))}" if stored
+              else "was saved without a key (by an older version)")
+    log.warning("evaluate: %s %s; drawing it again", path, reason)
   images, seconds = fn()
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.stem + ".tmp.npz")

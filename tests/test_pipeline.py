@@ -173,6 +173,7 @@ def test_evaluate_draws_a_saved_method_again_when_what_made_it_changed(tmp_path,
   np.savez(path, count=1, seconds=np.asarray([0.1]), images_0=np.zeros((1, 4, 4, 3), np.uint8))
   evaluate.load_or_draw(path, draw, key(config, "suti"))
   assert draws == [1, 2, 3]
+  assert "suti.npz was saved without a key (by an older version); drawing it again" in caplog.text
 
 
 def test_evaluate_runs_on_a_dreambench_folder_with_given_scoring_models(notebook_run, tmp_path,
