@@ -20,9 +20,9 @@ prompts and seeds, so what is hard for both cancels and the error is what the di
 
 Writes workdir/evaluate/: methods/<name>.npz (each method's images and seconds, so an
 interrupted run resumes at the next method, with a key of what they depend on: a method whose
-settings, base or apprentice checkpoint changed since is drawn again), grid.png (a row per subject: demos | each
-method | oracle, first prompt), table.md (Table 1 of the paper, then the paired line),
-summary.json (`table`, `suti_minus_experts`, `demo_curve`, `demo_gain`).
+settings, base or apprentice checkpoint changed since is drawn again), grid.png (a row per
+subject: demos | each method | oracle, first prompt), table.md (Table 1 of the paper, then
+the paired line), summary.json (`table`, `suti_minus_experts`, `demo_curve`, `demo_gain`).
 """
 from __future__ import annotations
 
@@ -32,9 +32,11 @@ import logging
 import pathlib
 import time
 
+from etils import epath
 import jax
 import numpy as np
 
+from suti import checkpoint as checkpoint_lib
 from suti import files
 from suti import metrics
 from suti import pretrain
@@ -203,15 +205,16 @@ def methods_to_run(config, num_subjects: int) -> list[str]:
 
 
 def _latest_checkpoint(directory) -> list | None:
-  """[step, mtime in ns] of a checkpoint directory's newest step (None if none): a model
-  trained again to the same step is saved anew, with a new mtime."""
-  directory = pathlib.Path(directory)
-  if not directory.is_dir():
+  """[step, mtime] of the newest checkpoint in `directory` (None if none), local or on a
+  bucket: a model trained again to the same step is saved anew, with a new mtime."""
+  try:
+    with checkpoint_lib.Checkpoints(directory, read_only=True) as ckpt:
+      step = ckpt.latest_step()
+  except FileNotFoundError:
     return None
-  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()]
-  if not steps:
+  if step is None:
     return None
-  return [max(steps), (directory / str(max(steps))).stat().st_mtime_ns]
+  return [step, epath.Path(ckpt.directory, str(step)).stat().mtime]
 
 
 # Settings that cannot change a method's images: the experts stage's buffer (evaluate

@@ -165,7 +165,9 @@ def test_evaluate_draws_a_saved_method_again_when_what_made_it_changed(tmp_path,
   assert key(other, "experts") == key(config, "experts")
 
   # The apprentice trained (again): its newest checkpoint is new, so SuTI is drawn again.
-  (tmp_path / "apprentice" / "checkpoints" / "10").mkdir(parents=True)
+  from suti import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  with checkpoint_lib.Checkpoints(tmp_path / "apprentice" / "checkpoints") as ckpt:
+    ckpt.save(10, params={"w": np.zeros(2, np.float32)})
   redrawn, _ = evaluate.load_or_draw(path, draw, key(config, "suti"))
   assert draws == [1, 2] and redrawn[0][0, 0, 0, 0] == 2
   assert "suti.npz was drawn with other apprentice_checkpoint; drawing it again" in caplog.text
