@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8,<0.13",
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
+    "etils[epath]>=1.15,<2",  # paths on local disks and buckets (evaluate's checkpoint mtimes)
     "ml-collections>=1.1,<1.2",
     "tensorflow-datasets>=4.9.10,<4.10",
     "importlib_resources>=6",
