@@ -1,0 +1,73 @@
+"""The hand-run probes whose numbers docs/RESULTS.md quotes: what they measure is what they say."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+
+import probe_oracle_targets  # noqa: E402  pylint: disable=wrong-import-position
+
+from experts import buffer as buffer_lib  # noqa: E402  pylint: disable=wrong-import-position
+from suti.data import world as world_lib  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _records(world, subjects, round_index):
+  """Expert-like samples: noise for the target, real demos and prompts of each subject."""
+  rng = np.random.default_rng(round_index)
+  records = []
+  for i, subject in enumerate(subjects):
+    cluster = world.cluster(subject, 3, 1)
+    delta = float(rng.uniform(-0.2, 0.2))
+    records.append({
+        "image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+        "demos": list(cluster.images), "demo_captions": list(cluster.captions),
+        "prompt": cluster.prompts[0], "subject_id": subject.subject_id,
+        "delta": delta, "clip_target": 0.5 + delta, "clip_demos_max": 0.5,
+        "seed": 100 * round_index + i, "sample_index": i % 2, "admitted": delta > 0,
+        "extras": {}})
+  return records
+
+
+def test_oracle_buffer_replaces_only_the_targets_with_renders_of_their_prompts(tmp_path):
+  world = world_lib.World(seed=0, image_size=16)
+  subjects = world.subjects("train", 6)
+  source, target = tmp_path / "experts", tmp_path / "oracle"
+  writer = buffer_lib.BufferWriter(source)
+  for round_index, chunk in enumerate((subjects[:4], subjects[4:])):
+    writer.commit_round(round_index, _records(world, chunk, round_index), {"threshold": 0.0},
+                        subject_ids=[f"skipped-{round_index}"])
+
+  assert probe_oracle_targets.write_oracle_buffer(world, source, target) == 6
+
+  before, after = buffer_lib.read_manifest(source), buffer_lib.read_manifest(target)
+  for kind in buffer_lib.SETS:  # verdicts, deltas and skipped subjects as they were
+    assert [r[kind]["deltas"] for r in after["rounds"]] == [
+        r[kind]["deltas"] for r in before["rounds"]]
+  assert [r["subject_ids"] for r in after["rounds"]] == [r["subject_ids"] for r in before["rounds"]]
+  old = {(r["seed"], r["sample_index"]): r
+         for r in buffer_lib.BufferSource(source, threshold=-np.inf)}
+  new = list(buffer_lib.BufferSource(target, threshold=-np.inf))
+  assert len(new) == 6
+  by_id = {s.subject_id: s for s in subjects}
+  for record in new:
+    was = old[(record["seed"], record["sample_index"])]
+    for field in ("prompt", "subject_id", "demo_captions", "delta", "admitted"):
+      assert np.all(record[field] == was[field]), field
+    np.testing.assert_array_equal(record["demos"], was["demos"])
+    render, _ = world.render(by_id[record["subject_id"]], record["prompt"],
+                             probe_oracle_targets.SEED_OFFSET + 16 * int(record["seed"])
+                             + int(record["sample_index"]))
+    np.testing.assert_array_equal(record["image"], render)
+    assert not np.array_equal(record["image"], was["image"])
+
+
+def test_oracle_buffer_refuses_a_subject_of_another_world(tmp_path):
+  world = world_lib.World(seed=0, image_size=16)
+  records = _records(world, world.subjects("train", 1), 0)
+  records[0]["subject_id"] = "train-99999999"
+  buffer_lib.BufferWriter(tmp_path / "experts").commit_round(0, records, {})
+  with pytest.raises(ValueError, match="train-99999999"):
+    probe_oracle_targets.write_oracle_buffer(world, tmp_path / "experts", tmp_path / "oracle")
