@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text_encoder.width = 64
   c.model.text_encoder.num_layers = 2
   c.model.text_encoder.num_heads = 4
+  # World encoder only: True keeps it at its initialisation (weights from a fixed key, so any
+  # process rebuilds them), as Imagen freezes T5. Trained jointly, it pulls the categories'
+  # prompts together (docs/RESULTS.md, issue 7). Pretrained kinds are always frozen.
+  c.model.text_encoder.freeze = False
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"

@@ -162,6 +162,31 @@ def test_a_base_from_another_model_is_refused_naming_the_field(data_workdir, tmp
     pretrain.load_base(config, tmp_path)
 
 
+def test_a_frozen_world_text_encoder_stays_at_its_fixed_initialisation(data_workdir, tmp_path):
+  trained = _workdir(data_workdir, tmp_path / "trained")
+  config = _config(num_steps=3, learning_rate=2e-3)
+  config.model.text_encoder.freeze = True
+  model = pretrain.TextToImage(config)
+  trainable, frozen = model.init(jax.random.PRNGKey(1))
+  assert "text" not in trainable and set(frozen) == {"text"}
+  # A function of the config alone: another seed, or another process, rebuilds the weights.
+  jax.tree.map(np.testing.assert_array_equal, frozen,
+               pretrain.TextToImage(config).init(jax.random.PRNGKey(2))[1])
+  jax.tree.map(np.testing.assert_array_equal, frozen, model.frozen_params())
+
+  pretrain.run(config, trained)
+  saved = checkpoint.load_params(trained / "pretrain" / "checkpoints")
+  assert "text" not in saved  # nothing of the encoder trained, so nothing of it is saved
+  config.pretrain.base_checkpoint = str(trained / "pretrain" / "checkpoints")
+  _, params, loaded_frozen = pretrain.load_base(config, tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, loaded_frozen, frozen)
+  jax.tree.map(np.testing.assert_array_equal, params, saved)
+  # The base's UNet learnt to read that encoder: a trained one would be another model.
+  config.model.text_encoder.freeze = False
+  with pytest.raises(config_lib.InputError, match=r"model\.text_encoder\.freeze: checkpoint"):
+    pretrain.load_base(config, tmp_path)
+
+
 def test_the_demo_starts_from_its_embedded_base(tmp_path):
   """configs/demo.py's shipped base fits its model, says how it was made, and remakes with
   configs/world_base.py, whose pre-training is the demo's own."""

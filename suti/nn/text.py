@@ -122,11 +122,14 @@ class TextEncoder:
 
 
 class WorldTextEncoder(TextEncoder):
-  """The word tokenizer and a Transformer trained from scratch with the UNet."""
+  """The word tokenizer and a Transformer trained from scratch with the UNet, or (trainable
+  False, `model.text_encoder.freeze`) kept at an initialisation from a fixed key: a function of
+  the config alone, rebuilt by any process without a checkpoint, as a pretrained one is read."""
   kind = "world"
-  trainable = True
+  FROZEN_KEY = 0
 
-  def __init__(self, vocabulary, width, num_layers, num_heads, max_length):
+  def __init__(self, vocabulary, width, num_layers, num_heads, max_length, trainable=True):
+    self.trainable = trainable
     self.tokenizer = WordTokenizer(vocabulary, max_length)
     self.width, self.max_length = width, max_length
     self.module = TransformerTextEncoder(self.tokenizer.vocab_size, width, num_layers, num_heads,
@@ -136,6 +139,8 @@ class WorldTextEncoder(TextEncoder):
     return self.tokenizer.encode(prompts)
 
   def init_params(self, rng):
+    if not self.trainable:  # the same weights whatever the run's seed
+      rng = jax.random.PRNGKey(self.FROZEN_KEY)
     ids = jnp.zeros((1, self.max_length), jnp.int32)
     return jax.jit(self.module.init)(rng, ids, ids == 0)["params"]
 
@@ -261,7 +266,8 @@ def make_text_encoder(config, vocabulary: Sequence[str] | None = None) -> TextEn
     if vocabulary is None:
       from suti.data import world  # pylint: disable=import-outside-toplevel
       vocabulary = world.vocabulary()
-    return WorldTextEncoder(vocabulary, te.width, te.num_layers, te.num_heads, te.max_length)
+    return WorldTextEncoder(vocabulary, te.width, te.num_layers, te.num_heads, te.max_length,
+                            trainable=not te.get("freeze", False))  # absent: saved before it
   if te.kind in ("clip", "t5"):
     encoder = PretrainedTextEncoder(te.kind, te.path, te.max_length)
     if encoder.width != te.width:
