@@ -71,3 +71,36 @@ def test_oracle_buffer_refuses_a_subject_of_another_world(tmp_path):
   buffer_lib.BufferWriter(tmp_path / "experts").commit_round(0, records, {})
   with pytest.raises(ValueError, match="train-99999999"):
     probe_oracle_targets.write_oracle_buffer(world, tmp_path / "experts", tmp_path / "oracle")
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_cluster_buffer_holds_every_subjects_prompts_with_exact_targets(tmp_path, copy):
+  world = world_lib.World(seed=0, image_size=16)
+  clusters = [world.cluster(s, 4, 2) for s in world.subjects("train", 3)]
+
+  count = probe_oracle_targets.write_cluster_buffer(world, clusters, tmp_path / "b", copy=copy)
+
+  records = list(buffer_lib.BufferSource(tmp_path / "b"))
+  assert count == len(records) == 3 * 2 * 2  # subjects x unseen prompts x samples
+  assert buffer_lib.read_manifest(tmp_path / "b")["rounds"][0]["subject_ids"] == [
+      c.subject_id for c in clusters]
+  by_id = {c.subject_id: c for c in clusters}
+  targets = set()
+  for record in records:
+    cluster = by_id[record["subject_id"]]
+    own = [np.asarray(x) for x in cluster.images]
+    if copy:  # a cluster image with its caption; the demos are the other three
+      i = [k for k, x in enumerate(own) if np.array_equal(x, record["image"])]
+      assert len(i) == 1 and record["prompt"] == cluster.captions[i[0]]
+      assert len(record["demos"]) == 3
+      assert not any(np.array_equal(d, record["image"]) for d in record["demos"])
+    else:  # the oracle's render of an unseen prompt, with every cluster image as a demo
+      assert record["prompt"] in cluster.prompts
+      render, _ = world.render(world_lib.Subject.from_json(cluster.spec), record["prompt"],
+                               probe_oracle_targets.SEED_OFFSET + 16 * int(record["seed"])
+                               + int(record["sample_index"]))
+      np.testing.assert_array_equal(record["image"], render)
+      assert len(record["demos"]) == 4
+    targets.add(record["image"].tobytes())
+  # copy: each of a cluster's 4 images is the target once; oracle: each render has its seed
+  assert len(targets) == 12
