@@ -58,14 +58,19 @@ def subject_by_id(world, subject_id: str):
   return subject
 
 
+def oracle_seed(record_seed: int, sample_index: int) -> int:
+  """The render seed of a record's oracle target (its layout follows the seed)."""
+  return SEED_OFFSET + 16 * int(record_seed) + int(sample_index)
+
+
 def write_oracle_buffer(world, source: pathlib.Path, target: pathlib.Path) -> int:
   """Every committed round of `source` again in `target`, targets replaced by oracle renders."""
   # Every record, admitted or not (deltas are finite, identity rules set aside), by round.
   by_round = {}
   for record in buffer_lib.BufferSource(source, threshold=-np.inf, identity_rule=False):
     subject = subject_by_id(world, record["subject_id"])
-    seed = SEED_OFFSET + 16 * int(record["seed"]) + int(record["sample_index"])
-    record["image"] = world.render(subject, record["prompt"], seed)[0]
+    record["image"] = world.render(subject, record["prompt"],
+                                   oracle_seed(record["seed"], record["sample_index"]))[0]
     by_round.setdefault(int(record["round"]), []).append(record)
   writer = buffer_lib.BufferWriter(target)
   for entry in buffer_lib.read_manifest(source)["rounds"]:
@@ -83,15 +88,15 @@ def write_cluster_buffer(world, clusters, target: pathlib.Path, copy: bool = Fal
     subject = subject_by_id(world, cluster.subject_id)
     images, captions = list(cluster.images), list(cluster.captions)
     for j, prompt in enumerate(cluster.prompts):
+      record_seed = index * len(cluster.prompts) + j
       for s in range(samples_per_prompt):
-        record_seed = index * len(cluster.prompts) + j
         if copy:  # image i is the target; the demos are the cluster's other images
           i = (j * samples_per_prompt + s) % len(images)
           image, prompt = images[i], captions[i]
           demos = images[:i] + images[i + 1:]
           demo_captions = captions[:i] + captions[i + 1:]
         else:
-          image = world.render(subject, prompt, SEED_OFFSET + 16 * record_seed + s)[0]
+          image = world.render(subject, prompt, oracle_seed(record_seed, s))[0]
           demos, demo_captions = images, captions
         records.append({
             "image": image, "demos": demos, "demo_captions": demo_captions, "prompt": prompt,
