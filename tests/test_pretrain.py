@@ -211,6 +211,47 @@ def test_the_demo_starts_from_its_embedded_base(tmp_path):
     pretrain.load_base(config, tmp_path)
 
 
+def _world_loss(model, trainable, frozen, images, prompts) -> float:
+  """The base's denoising loss on `images` captioned `prompts` (fixed noise and timesteps)."""
+  batch = dict(model.tokenize(prompts), image=images)
+  return float(jax.jit(model.loss)(trainable, frozen, batch, jax.random.PRNGKey(7)))
+
+
+def test_the_candidate_base_loads_with_its_own_model_and_reads_its_prompts(tmp_path):
+  """embedded:world_base_16_v2 (world text encoder frozen, text attention also at 16x16,
+  5000 steps) loads with the model fields its asset.json's command names, is refused with
+  the demo's naming the field, and is a trained base: on oracle renders of held-out subjects
+  its loss is far below a fresh initialisation's, and below its own with the prompts of
+  other scenes (its frozen text encoder must be the one it trained with)."""
+  config = load_config("demo")
+  config.pretrain.base_checkpoint = "embedded:world_base_16_v2"
+  with pytest.raises(config_lib.InputError, match=r"model\..*checkpoint"):
+    pretrain.load_base(config, tmp_path)
+  config.model.text_encoder.freeze = True
+  config.model.cross_attention_resolutions = (16, 8, 4)
+  config.pretrain.num_steps = 5000
+  summary = pretrain.run(config, tmp_path)
+  made_by = summary["provenance"]["made_by"]
+  for override in ("text_encoder.freeze=True", "cross_attention_resolutions=(16,8,4)",
+                   "pretrain.num_steps=5000"):
+    assert override in made_by
+  assert summary["provenance"]["steps"] == 5000 and summary["trained"] is False
+
+  model, trainable, frozen = pretrain.load_base(config, tmp_path)
+  world = world_lib.from_config(config)
+  rng = np.random.default_rng(0)
+  subjects = world.subjects("eval", 16)
+  scenes = [world_lib.random_scene(rng) for _ in subjects]
+  prompts = [world_lib.format_prompt(s.category, scene) for s, scene in zip(subjects, scenes)]
+  images = np.stack([world.render(s, p, seed=i)[0] for i, (s, p) in
+                     enumerate(zip(subjects, prompts))]).astype(np.float32) / 127.5 - 1.0
+  trained = _world_loss(model, trainable, frozen, images, prompts)
+  fresh = _world_loss(model, *model.init(jax.random.PRNGKey(1)), images, prompts)
+  shifted = _world_loss(model, trainable, frozen, images, prompts[1:] + prompts[:1])
+  assert trained < 0.5 * fresh, (trained, fresh)
+  assert trained < 0.6 * shifted, (trained, shifted)
+
+
 _DATA_PARALLEL = """
 import json, sys
 import jax
