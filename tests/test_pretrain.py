@@ -211,12 +211,6 @@ def test_the_demo_starts_from_its_embedded_base(tmp_path):
     pretrain.load_base(config, tmp_path)
 
 
-def _world_loss(model, trainable, frozen, images, prompts) -> float:
-  """The base's denoising loss on `images` captioned `prompts` (fixed noise and timesteps)."""
-  batch = dict(model.tokenize(prompts), image=images)
-  return float(jax.jit(model.loss)(trainable, frozen, batch, jax.random.PRNGKey(7)))
-
-
 def test_the_candidate_base_loads_with_its_own_model_and_reads_its_prompts(tmp_path):
   """embedded:world_base_16_v2 (world text encoder frozen, text attention also at 16x16,
   5000 steps) loads with the model fields its asset.json's command names, is refused with
@@ -243,11 +237,18 @@ def test_the_candidate_base_loads_with_its_own_model_and_reads_its_prompts(tmp_p
   subjects = world.subjects("eval", 16)
   scenes = [world_lib.random_scene(rng) for _ in subjects]
   prompts = [world_lib.format_prompt(s.category, scene) for s, scene in zip(subjects, scenes)]
-  images = np.stack([world.render(s, p, seed=i)[0] for i, (s, p) in
-                     enumerate(zip(subjects, prompts))]).astype(np.float32) / 127.5 - 1.0
-  trained = _world_loss(model, trainable, frozen, images, prompts)
-  fresh = _world_loss(model, *model.init(jax.random.PRNGKey(1)), images, prompts)
-  shifted = _world_loss(model, trainable, frozen, images, prompts[1:] + prompts[:1])
+  images = train_lib.to_model_space(np.stack([world.render(s, p, seed=i)[0] for i, (s, p) in
+                                               enumerate(zip(subjects, prompts))]))
+  loss = jax.jit(model.loss)  # one compile for the three params and prompt sets below
+
+  def world_loss(trainable, frozen, prompts) -> float:
+    """The denoising loss on `images` captioned `prompts`, with fixed noise and timesteps."""
+    batch = dict(model.tokenize(prompts), image=images)
+    return float(loss(trainable, frozen, batch, jax.random.PRNGKey(7)))
+
+  trained = world_loss(trainable, frozen, prompts)
+  fresh = world_loss(*model.init(jax.random.PRNGKey(1)), prompts)
+  shifted = world_loss(trainable, frozen, prompts[1:] + prompts[:1])
   assert trained < 0.5 * fresh, (trained, fresh)
   assert trained < 0.6 * shifted, (trained, shifted)
 
