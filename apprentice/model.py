@@ -75,10 +75,13 @@ class Apprentice:
                          f"of this UNet (image_size {config.image_size}, "
                          f"{len(config.model.channel_mult)} levels)")
     self.demo_timestep = int(config.apprentice.demo_timestep)
+    # absent from configs saved before it existed: those apprentices had no positions
+    self.demo_positions = bool(config.apprentice.get("demo_positions", False))
     self.unet = unet_lib.from_config(config, demo_attention_resolutions=self.resolutions,
                                      demo_mlp_ratio=int(config.apprentice.demo_mlp_ratio),
                                      # absent from configs saved before it existed
-                                     demo_num_heads=int(config.apprentice.get("demo_num_heads", 0)))
+                                     demo_num_heads=int(config.apprentice.get("demo_num_heads", 0)),
+                                     demo_positions=self.demo_positions)
     self.cond_part, self.down_part, _, _ = self.unet.parts()
     self.caption_projection = CaptionProjection(
         tuple((r, level_channels(config, r)) for r in self.resolutions))
@@ -170,7 +173,8 @@ class Apprentice:
     emb, context = self.cond_part.apply({"params": unet["cond"]}, t, caption, caption_mask)
     _, skips = self.down_part.apply({"params": unet["down"]}, images, emb, context,
                                     caption_mask)
-    features = unet_lib.demo_context(skips, self.resolutions, num_demos=n, mask=demo_mask)
+    features = unet_lib.demo_context(skips, self.resolutions, num_demos=n, mask=demo_mask,
+                                     positions=self.demo_positions)
     captions = self.caption_projection.apply({"params": trainable["demo_caption"]}, context)
     keep = jnp.asarray(demo_mask, bool)[:, :, None] & caption_mask.reshape(b, n, -1)
     out = {}

@@ -212,6 +212,9 @@ def base_config() -> ml_collections.ConfigDict:
   # per head. At 1 head the demo's step took 0.30 s instead of 0.42, but its apprentice read its
   # demos less (demo gain DINO 0.11 against 0.20; RESULTS, issue 7).
   c.apprentice.demo_num_heads = 0
+  # Fixed 2D sinusoids on the demo attention's queries and demo tokens (see suti/nn/unet.py):
+  # lets it copy a demo cell to the same place in the target.
+  c.apprentice.demo_positions = False
   c.apprentice.warmup_steps = 0
   c.apprentice.lr_schedule = "constant"  # or 'cosine': decays to zero at num_steps
   # Departures from the paper for small, short runs (defaults: the paper's recipe). Knowing the

@@ -103,6 +103,25 @@ def test_zero_init_apprentice_equals_the_base_model(models):
   assert float(jnp.abs(a - b).max()) > 1e-3
 
 
+def test_demo_positions_add_no_params_and_start_as_the_base(models):
+  # apprentice.demo_positions: fixed sinusoids, nothing to learn; the zero-initialised demo
+  # layers still make the fresh apprentice the base, and trained ones read positions.
+  config, model, base, base_params, frozen, params = models
+  placed = Apprentice(_config(demo_positions=True))
+  placed_params = placed.init_from_base(base_params, jax.random.PRNGKey(2))
+  assert jax.tree.map(jnp.shape, placed_params) == jax.tree.map(jnp.shape, params)
+  x, t, tokens = _inputs(model)
+  batch = dict(tokens, **_demo_batch(model, 2, 3))
+  reference = base.denoise_fn(base_params["unet"], x, t, base.encode(base_params, frozen, tokens))
+
+  def predict(m, p):
+    return m.denoise_fn(p["unet"], x, t, m.condition(p, frozen, batch))
+
+  np.testing.assert_allclose(predict(placed, placed_params), reference, atol=1e-5)
+  trained = _perturbed(params, 5)
+  assert float(jnp.abs(predict(placed, trained) - predict(model, trained)).max()) > 1e-3
+
+
 def test_any_number_of_demos_gives_the_same_output_shape(models):
   config, model, _, _, frozen, params = models
   x, t, tokens = _inputs(model)

@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 
+import probe_apprentice_x0  # noqa: E402  pylint: disable=wrong-import-position
 import probe_oracle_targets  # noqa: E402  pylint: disable=wrong-import-position
 
 from experts import buffer as buffer_lib  # noqa: E402  pylint: disable=wrong-import-position
@@ -104,3 +105,37 @@ def test_cluster_buffer_holds_every_subjects_prompts_with_exact_targets(tmp_path
     targets.add(record["image"].tobytes())
   # copy: each of a cluster's 4 images is the target once; oracle: each render has its seed
   assert len(targets) == 12
+
+
+def test_x0_demo_gain_is_zero_for_an_apprentice_that_ignores_its_demos():
+  import jax  # pylint: disable=import-outside-toplevel
+  from apprentice.model import Apprentice  # pylint: disable=import-outside-toplevel
+  from suti import config_lib  # pylint: disable=import-outside-toplevel
+  from suti.model import TextToImage  # pylint: disable=import-outside-toplevel
+  from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
+  config = config_lib.validate(load_config("tiny"))
+  rng = np.random.default_rng(1)
+  perturb = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), tree)
+  base_params, frozen = TextToImage(config).init(jax.random.PRNGKey(0))
+  model = Apprentice(config)
+  fresh = model.init_from_base(perturb(base_params), jax.random.PRNGKey(2))
+  world = world_lib.from_config(config)
+  steps = (300, 850)
+  targets, masks, x0 = probe_apprentice_x0.x0_estimates(model, fresh, frozen, world, 3, steps)
+  assert targets.shape == (3, 16, 16, 3) and masks.any((1, 2)).all()
+  assert x0.shape == (3, 2, 2, 16, 16, 3)
+  # Zero-initialised demo layers: the same estimate whichever demos, so no gain at any t.
+  np.testing.assert_allclose(x0[:, :, 0], x0[:, :, 1], atol=1e-5)
+  assert probe_apprentice_x0.demo_gains(targets, masks, x0, steps) == {300: 0.0, 850: 0.0}
+  # Demo layers that read the demos: the two estimates differ, and the gain is what the
+  # errors on the subject's pixels say.
+  targets, masks, x0 = probe_apprentice_x0.x0_estimates(model, perturb(fresh), frozen, world, 3,
+                                                        steps)
+  assert np.abs(x0[:, :, 0] - x0[:, :, 1]).max() > 1e-3
+  truth = targets.astype(np.float32)[:, None] / 127.5 - 1
+  errors = [[float(((x0[:, k, d] - truth[:, 0]) ** 2).mean(-1)[masks].sum()) for d in (0, 1)]
+            for k in range(2)]
+  expected = {t: round(100 * (1 - own / other), 2) for t, (own, other) in zip(steps, errors)}
+  assert probe_apprentice_x0.demo_gains(targets, masks, x0, steps) == pytest.approx(
+      expected, abs=0.02)

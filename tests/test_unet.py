@@ -191,6 +191,51 @@ def test_demo_attention_has_its_own_head_count(tiny):
   np.testing.assert_allclose(apply_same(same), apply_default(default), rtol=1e-5, atol=1e-5)
 
 
+def test_position_embedding_tells_cells_apart():
+  emb = unet_lib.position_embedding(16, 32)
+  assert emb.shape == (256, 32)
+  # Every cell's own embedding is its nearest: a query can find "the same place" in a demo.
+  similarity = emb @ emb.T
+  np.testing.assert_array_equal(similarity.argmax(1), np.arange(256))
+  # Row-major: cell (i, j) is row i * 16 + j; moving one cell right keeps the y channels.
+  quarter = 32 // 4
+  np.testing.assert_allclose(emb[5 * 16 + 3, 2 * quarter:], emb[5 * 16 + 4, 2 * quarter:])
+  assert np.abs(emb[5 * 16 + 3, :2 * quarter] - emb[5 * 16 + 4, :2 * quarter]).max() > 0.1
+  with pytest.raises(ValueError, match="dim >= 4"):
+    unet_lib.position_embedding(4, 3)
+
+
+def test_demo_positions_make_the_demo_attention_see_where_a_demo_cell_is(tiny):
+  # Without positions attention is blind to the order of its context tokens: the demo's feature
+  # cells moved around read the same. With them, the same content elsewhere reads differently.
+  config, model, params, _ = tiny
+  x, t, tokens, mask = inputs(config)
+  cond, down, _, _ = model.parts()
+  demo = np.random.default_rng(4).standard_normal((2,) + x.shape[1:]).astype(np.float32)
+  emb, context = cond.apply({"params": params["cond"]}, np.zeros(2, np.int32), tokens, mask)
+  _, skips = jax.jit(down.apply)({"params": params["down"]}, demo, emb, context, mask)
+  order = np.random.default_rng(7).permutation(16 * 16)
+  moved = [s.reshape(2, 256, -1)[:, order].reshape(s.shape) if s.shape[1] == 16 else s
+           for s in skips]
+
+  def outputs(positions):
+    demo_model = unet_lib.from_config(config, demo_attention_resolutions=(16,),
+                                      demo_positions=positions)
+    extra, extra_moved = (unet_lib.demo_context(s, (16,), positions=positions)
+                          for s in (skips, moved))
+    variables = {"params": randomize(jax.jit(demo_model.init)(
+        jax.random.PRNGKey(0), x, t, tokens, mask, extra)["params"], seed=5)}
+    apply = jax.jit(demo_model.apply)
+    return (apply(variables, x, t, tokens, mask, extra),
+            apply(variables, x, t, tokens, mask, extra_moved))
+
+  plain, plain_moved = outputs(False)
+  np.testing.assert_allclose(plain_moved, plain, rtol=1e-4, atol=1e-4)
+  placed, placed_moved = outputs(True)
+  assert np.abs(placed_moved - placed).max() > 1e-2
+  assert np.abs(placed - plain).max() > 1e-2
+
+
 def _attend_by_autodiff(q, k, v, mask):
   # The textbook formula, differentiated by JAX: what the hand-written backward must equal.
   logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(q.shape[-1])

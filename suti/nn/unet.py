@@ -29,6 +29,27 @@ from suti.nn import initializers as init
 ExtraContext = Mapping[int, Any]
 
 
+def position_embedding(size: int, dim: int) -> np.ndarray:
+  """Fixed 2D sinusoids of the cells of a size x size map -> [size * size, dim] (row-major).
+
+  Positions are fractions of the image, (i + 0.5) / size, so maps of different sizes agree on
+  where a cell is; frequencies run geometrically from 1 to size / 2 cycles per image (the
+  finest resolves neighbouring cells). Channels: [sin x, cos x, sin y, cos y] blocks, zero-padded.
+  """
+  quarter = dim // 4
+  if quarter == 0:
+    raise ValueError(f"position_embedding needs dim >= 4, got {dim}")
+  freqs = np.geomspace(1.0, max(size / 2, 1.0), quarter)
+  u = (np.arange(size) + 0.5) / size
+  angle = 2 * np.pi * u[:, None] * freqs[None]                          # [size, quarter]
+  x = np.concatenate([np.sin(angle), np.cos(angle)], -1)               # [size, 2 * quarter]
+  grid = np.concatenate([np.repeat(x[None], size, 0),                  # varies along columns
+                         np.repeat(x[:, None], size, 1)], -1)          # varies along rows
+  out = np.zeros((size * size, dim), np.float32)
+  out[:, :4 * quarter] = grid.reshape(size * size, 4 * quarter)
+  return out
+
+
 def sinusoidal_embedding(t, dim, max_period=10_000.0):
   """Transformer-style embedding of (integer or continuous) timesteps t [B] -> [B, dim]."""
   half = dim // 2
@@ -154,10 +175,12 @@ class CrossAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context, mask=None):
+  def __call__(self, x, context, mask=None, query_positions=None):
     b, hh, ww, c = x.shape
     heads, head_dim = self.num_heads, c // self.num_heads
     h = nn.LayerNorm(dtype=jnp.float32, name="norm")(x.reshape(b, hh * ww, c))
+    if query_positions is not None:  # [hh * ww, c], e.g. position_embedding(hh, c)
+      h = h + query_positions
     q = _dense((heads, head_dim), self.dtype, "q")(h)
     kv = _dense((2, heads, head_dim), self.dtype, "kv")(context)
     out = _attend(q, kv[:, :, 0], kv[:, :, 1], mask)
@@ -200,6 +223,10 @@ class _Stack(nn.Module):
   demo_attention_resolutions: Sequence[int] = ()
   demo_mlp_ratio: int = 0  # > 0: a FeedForward (`demo_mlps_{j}`) after each demo attention
   demo_num_heads: int = 0  # heads of the demo attentions; 0: num_heads
+  # Demo attention with positions: the same fixed 2D sinusoids added to its queries and (by
+  # `demo_context(positions=True)`) to the demo feature tokens, so it can match a target's
+  # cell to the same place in the demos, not only by content.
+  demo_positions: bool = False
   num_heads: int = 4
   dropout: float = 0.0
   image_size: int = 32
@@ -226,8 +253,10 @@ class _Stack(nn.Module):
           h, context, context_mask)
     demo, demo_mask = _unpack(extra_context, res)
     if res in self.demo_attention_resolutions and demo is not None:
+      positions = (jnp.asarray(position_embedding(res, h.shape[-1]))
+                   if self.demo_positions else None)
       h = CrossAttention(self.demo_heads, self.dtype, name=f"demo_attentions_{j}")(
-          h, demo.astype(self.dtype), demo_mask)
+          h, demo.astype(self.dtype), demo_mask, query_positions=positions)
       if self.demo_mlp_ratio:
         h = FeedForward(self.demo_mlp_ratio, self.dtype, name=f"demo_mlps_{j}")(h)
     return h
@@ -373,17 +402,22 @@ class UNet(_Stack):
     return self.up(h, skips, emb, context, text_mask, extra_context, train)
 
 
-def demo_context(skips, resolutions, num_demos=1, mask=None) -> dict:
+def demo_context(skips, resolutions, num_demos=1, mask=None, positions=False) -> dict:
   """DownStack skips of B * num_demos demo images -> `extra_context` for B examples.
 
   At each size r the last feature map (the level's final ResBlock) becomes r*r tokens, and the
   num_demos demos of an example are concatenated: {r: (tokens [B, num_demos*r*r, C], mask)}.
   mask [B, num_demos] bool drops demos (e.g. demo dropout for guidance); None keeps all.
+  positions: add `position_embedding(r, C)` to each demo's tokens (for a UNet built with
+  demo_positions=True, which adds the same to its queries).
   """
   out = {}
   for r in resolutions:
     feature = [s for s in skips if s.shape[1] == r][-1]
     bk, _, _, c = feature.shape
+    if positions:
+      feature = feature + jnp.asarray(position_embedding(r, c)).reshape(r, r, c).astype(
+          feature.dtype)
     tokens = feature.reshape(bk // num_demos, num_demos * r * r, c)
     keep = (jnp.ones((bk // num_demos, num_demos), bool) if mask is None
             else jnp.asarray(mask, bool))
