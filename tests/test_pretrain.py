@@ -69,6 +69,25 @@ def test_resume_continues_the_same_loss_curve(data_workdir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, *params)
 
 
+def test_continue_base_resumes_a_base_with_a_fresh_optimizer(data_workdir, tmp_path):
+  # benchmarks/continue_base.py: how world_base_16_v3 was made from the v2 asset, which keeps
+  # params only. The new workdir resumes at the base's step with the base's params.
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import continue_base  # pylint: disable=import-outside-toplevel
+  source = _workdir(data_workdir, tmp_path / "source")
+  pretrain.run(_config(num_steps=6, checkpoint_every=6), source)
+  base = source / "pretrain" / "checkpoints"
+  target = _workdir(data_workdir, tmp_path / "target")
+  config = _config(num_steps=10, checkpoint_every=10)
+  assert continue_base.seed_workdir(config, str(base), target) == 6
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(base),
+               checkpoint.load_params(target / "pretrain" / "checkpoints"))
+  summary = pretrain.run(config, target)
+  assert summary["steps"] == 10 and sorted(_losses(target)) == [7, 8, 9, 10]
+  with pytest.raises(SystemExit, match="exists"):  # never over a workdir's own checkpoints
+    continue_base.seed_workdir(config, str(base), target)
+
+
 class _CaptionRecorder:
   """Stands in for TextToImage.tokenize and keeps every caption it was given."""
 
@@ -211,25 +230,29 @@ def test_the_demo_starts_from_its_embedded_base(tmp_path):
     pretrain.load_base(config, tmp_path)
 
 
-def test_the_candidate_base_loads_with_its_own_model_and_reads_its_prompts(tmp_path):
+@pytest.mark.parametrize("name,num_steps,steps", [("world_base_16_v2", 5000, 5000),
+                                                    ("world_base_16_v3", 16000, 15000)])
+def test_the_candidate_base_loads_with_its_own_model_and_reads_its_prompts(tmp_path, name,
+                                                                          num_steps, steps):
   """embedded:world_base_16_v2 (world text encoder frozen, text attention also at 16x16,
-  5000 steps) loads with the model fields its asset.json's command names, is refused with
-  the demo's naming the field, and is a trained base: on oracle renders of held-out subjects
-  its loss is far below a fresh initialisation's, and below its own with the prompts of
-  other scenes (its frozen text encoder must be the one it trained with)."""
+  5000 steps) and v3 (the same pre-trained to step 15000 of a 16000-step run) load with the
+  model fields their asset.json's command names, are refused with the demo's naming the
+  field, and are trained bases: on oracle renders of held-out subjects the loss is far below
+  a fresh initialisation's, and below the base's own with the prompts of other scenes (its
+  frozen text encoder must be the one it trained with)."""
   config = load_config("demo")
-  config.pretrain.base_checkpoint = "embedded:world_base_16_v2"
+  config.pretrain.base_checkpoint = f"embedded:{name}"
   with pytest.raises(config_lib.InputError, match=r"model\..*checkpoint"):
     pretrain.load_base(config, tmp_path)
   config.model.text_encoder.freeze = True
   config.model.cross_attention_resolutions = (16, 8, 4)
-  config.pretrain.num_steps = 5000
+  config.pretrain.num_steps = num_steps
   summary = pretrain.run(config, tmp_path)
   made_by = summary["provenance"]["made_by"]
   for override in ("text_encoder.freeze=True", "cross_attention_resolutions=(16,8,4)",
-                   "pretrain.num_steps=5000"):
+                   f"pretrain.num_steps={num_steps}"):
     assert override in made_by
-  assert summary["provenance"]["steps"] == 5000 and summary["trained"] is False
+  assert summary["provenance"]["steps"] == steps and summary["trained"] is False
 
   model, trainable, frozen = pretrain.load_base(config, tmp_path)
   world = world_lib.from_config(config)
