@@ -26,9 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pretrain import load_config  # pylint: disable=wrong-import-position
 from suti import checkpoint as checkpoint_lib  # pylint: disable=wrong-import-position
 from suti import config_lib, pretrain  # pylint: disable=wrong-import-position
-from suti.data import pipeline  # pylint: disable=wrong-import-position
 from suti.data import stage as data_stage  # pylint: disable=wrong-import-position
-from suti.data import world as world_lib  # pylint: disable=wrong-import-position
 
 
 def seed_workdir(config, source: str, workdir) -> int:
@@ -39,23 +37,16 @@ def seed_workdir(config, source: str, workdir) -> int:
     step = ckpt.latest_step()
   if step is None:
     raise SystemExit(f"--from={source}: no checkpoint steps in {directory}")
-  base_config = config_lib.validate(config.copy_and_resolve_references())
-  base_config.pretrain.base_checkpoint = source
-  model, trainable, _ = pretrain.load_base(base_config, workdir)  # refuses another model
   target = pretrain.stage_dir(workdir) / "checkpoints"
   if target.exists():
     raise SystemExit(f"--workdir={workdir}: {target} exists; give a new workdir")
+  base_config = config_lib.validate(config.copy_and_resolve_references())
+  base_config.pretrain.base_checkpoint = source
+  model, trainable, _ = pretrain.load_base(base_config, workdir)  # refuses another model
   data_stage.run(config, workdir)
-  pc = config.pretrain
-  world = world_lib.from_config(config) if pc.oracle_fraction else None
-  transform = pretrain.make_transform(model, pc.caption_dropout, world,
-                                      pretrain.oracle_subjects(config, world),
-                                      pc.oracle_fraction)
-  data = pipeline.make_iterator(
-      pipeline.PairSource(pipeline.ClusterSource(workdir / "data", "train")),
-      batch_size=pc.batch_size, seed=config.seed, random_transform=transform)
+  data = pretrain.data_iterator(config, model, workdir)
   with checkpoint_lib.Checkpoints.from_config(target, config) as ckpt:
-    ckpt.save(step, params=trainable, opt_state=pretrain.make_optimizer(pc).init(trainable),
+    ckpt.save(step, params=trainable, opt_state=pretrain.make_optimizer(config.pretrain).init(trainable),
               config=config, data_state=data.get_state(), meta={"stage": "pretrain"})
   return step
 

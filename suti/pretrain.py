@@ -162,6 +162,18 @@ def sample_prompts(data_dir, count: int) -> list[str]:
   return (prompts * count)[:count] if prompts else ["a ball"] * count
 
 
+def data_iterator(config, model: TextToImage, workdir):
+  """This process's pre-training batches (the workdir's pairs, mixed with oracle renders),
+  from the start; a checkpoint's data_state moves it on."""
+  pc = config.pretrain
+  pairs = pipeline.PairSource(pipeline.ClusterSource(pathlib.Path(workdir) / "data", "train"))
+  world = world_lib.from_config(config) if pc.oracle_fraction else None
+  transform = make_transform(model, pc.caption_dropout, world, oracle_subjects(config, world),
+                             pc.oracle_fraction)
+  return pipeline.make_iterator(pairs, batch_size=pc.batch_size // jax.process_count(),
+                                seed=config.seed, random_transform=transform)
+
+
 def run(config, workdir) -> dict:
   workdir = pathlib.Path(workdir)
   out = stage_dir(workdir)
@@ -190,13 +202,7 @@ def run(config, workdir) -> dict:
   trainable, frozen = model.init(jax.random.PRNGKey(config.seed))
   opt_state = tx.init(trainable)
 
-  pairs = pipeline.PairSource(pipeline.ClusterSource(workdir / "data", "train"))
-  per_process_batch = pc.batch_size // jax.process_count()
-  world = world_lib.from_config(config) if pc.oracle_fraction else None
-  transform = make_transform(model, pc.caption_dropout, world, oracle_subjects(config, world),
-                             pc.oracle_fraction)
-  data = pipeline.make_iterator(pairs, batch_size=per_process_batch, seed=config.seed,
-                                random_transform=transform)
+  data = data_iterator(config, model, workdir)
   restored = ckpt.restore(params=trainable, opt_state=opt_state)
   step = 0
   if restored is not None:

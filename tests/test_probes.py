@@ -110,7 +110,7 @@ def test_cluster_buffer_holds_every_subjects_prompts_with_exact_targets(tmp_path
 def test_x0_demo_gain_is_zero_for_an_apprentice_that_ignores_its_demos():
   import jax  # pylint: disable=import-outside-toplevel
   from apprentice.model import Apprentice  # pylint: disable=import-outside-toplevel
-  from suti import config_lib  # pylint: disable=import-outside-toplevel
+  from suti import config_lib, train_lib  # pylint: disable=import-outside-toplevel
   from suti.model import TextToImage  # pylint: disable=import-outside-toplevel
   from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
   config = config_lib.validate(load_config("tiny"))
@@ -133,7 +133,7 @@ def test_x0_demo_gain_is_zero_for_an_apprentice_that_ignores_its_demos():
   targets, masks, x0 = probe_apprentice_x0.x0_estimates(model, perturb(fresh), frozen, world, 3,
                                                         steps)
   assert np.abs(x0[:, :, 0] - x0[:, :, 1]).max() > 1e-3
-  truth = targets.astype(np.float32)[:, None] / 127.5 - 1
+  truth = train_lib.to_model_space(targets)[:, None]
   errors = [[float(((x0[:, k, d] - truth[:, 0]) ** 2).mean(-1)[masks].sum()) for d in (0, 1)]
             for k in range(2)]
   expected = {t: round(100 * (1 - own / other), 2) for t, (own, other) in zip(steps, errors)}
