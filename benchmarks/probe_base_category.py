@@ -126,7 +126,7 @@ def main():
   config = config_lib.validate(load_config(args.config, args.set))
   if not config.pretrain.base_checkpoint:
     raise SystemExit("--config needs pretrain.base_checkpoint (configs/demo.py's: "
-                     "embedded:world_base_16, or --set pretrain.base_checkpoint=DIR)")
+                     "embedded:world_base_16_v3, or --set pretrain.base_checkpoint=DIR)")
   model, trainable, frozen = pretrain.load_base(config, os.devnull)
   world = world_lib.from_config(config)
   untrained, untrained_frozen = model.init(jax.random.PRNGKey(config.seed))

@@ -1,8 +1,9 @@
 """Bench: the demo's pipeline at 6x the expert subjects, an identity filter on the buffer and
 3x the apprentice steps, evaluated on 96 held-out subjects (issue 7).
 
-`python -m suti.launch --config=configs/bench.py`: the 16x16 world, shipped base and scorers
-of configs/demo.py, with
+`python -m suti.launch --config=configs/bench.py`: the 16x16 world and scorers of
+configs/demo.py, on the base the demo shipped before v3 (`embedded:world_base_16`, whose
+samples are coloured blobs; its results below were measured on it), with
 - 24 rounds of 8 experts (192 training subjects, 2 unseen prompts each, 768 samples) where
   the demo has 4 rounds (32 subjects, 4 prompts each); 48 rounds gained nothing more;
 - an identity filter beside delta-CLIP (experts.min_demo_identity 0.87: a sample's mean
@@ -28,6 +29,12 @@ from suti import config_lib
 
 def get_config(arg=None):
   c = config_lib.load_config_file(pathlib.Path(__file__).with_name("demo.py"), arg)
+  # The base the bench's results were measured on (embedded:world_base_16, 2500 steps, a
+  # trained text encoder, text attention at half and quarter size); the demo moved to v3.
+  c.model.cross_attention_resolutions = (c.image_size // 2, c.image_size // 4)
+  c.model.text_encoder.freeze = False
+  c.pretrain.base_checkpoint = "embedded:world_base_16" if c.image_size == 16 else ""
+  c.pretrain.num_steps = 2500
   c.data.world.num_eval_subjects = 96
   c.experts.num_rounds = 24
   c.experts.prompts_per_subject = 2

@@ -1,20 +1,21 @@
-"""Demo: the whole SuTI pipeline on the embedded world, sized for a 2-core CPU (19 min on Zen 3).
+"""Demo: the whole SuTI pipeline on the embedded world, sized for a 2-core CPU (8.6 min on a Xeon).
 
 `python -m suti.launch --config=configs/demo.py` runs clip -> pretrain -> experts -> apprentice
 -> evaluate -> export. At 16x16 `pretrain` loads the base shipped in the package
-(`embedded:world_base_16`, made by configs/world_base.py in about an hour on 2 cores, on the
-dataset's pairs and oracle renders of the whole caption grammar), as SuTI starts from a
-pre-trained model, and `clip` loads the shipped world CLIP and DINO
+(`embedded:world_base_16_v3`: 960k images of the dataset's pairs and oracle renders of the
+whole caption grammar, about 2 hours on 2 cores; configs/world_base.py pre-trains one like
+it), as SuTI starts from a pre-trained model, and `clip` loads the shipped world CLIP and DINO
 (configs/world_scorers.py). Images are 16x16: on 2 cores that is the size at which a base
-model learns the world's scenes and coloured subjects (docs/RESULTS.md, issue 7). Cold, it
-takes 19 minutes on a 2-core Zen 3 CPU (experts 6, apprentice 9, evaluate 3.5).
-configs/bench.py is the same recipe with 6x the expert subjects, an identity filter on the
-buffer, 3x the apprentice steps and a 768-image evaluation on 96 held-out subjects (about
-50 minutes on a 2-core Xeon). `:32` and `:64` select larger
+model learns the world's scenes and subjects (docs/RESULTS.md, issue 7). Cold, it takes 8.6
+minutes on a 2-core Xeon with AVX-512 (experts 3, apprentice 4, evaluate 1.5), about 15 at
+the speed of the slowest 2-core CPU measured (a Zen 3).
+configs/bench.py is the same recipe on the earlier base with 6x the expert subjects, an
+identity filter on the buffer, 3x the apprentice steps and a 768-image evaluation on 96
+held-out subjects (about 50 minutes on a 2-core Xeon). `:32` and `:64` select larger
 images with the same network shape (attention at the same fractions of the image); they need
 far more pre-training than the demo's to draw subjects.
 
-Where the demo departs from the paper, it is for a 1.4M-parameter base trained for minutes
+Where the demo departs from the paper, it is for a 1.3M-parameter base trained for CPU-hours
 (each choice measured in docs/RESULTS.md, issue 7):
 - v-prediction (the paper's base predicts eps): trained for minutes, an eps model samples
   speckle over the whole image, a v model clean scenes with a coloured subject;
@@ -41,7 +42,11 @@ def get_config(arg=None):
   c.model.channel_mult = (1, 2, 2)  # 16, 8, 4
   # Attention sits at fixed fractions of the image, so :32 and :64 are the same network.
   c.model.attention_resolutions = (c.image_size // 4,)
-  c.model.cross_attention_resolutions = (c.image_size // 2, c.image_size // 4)
+  # Text attention at every resolution and a frozen (randomly initialised) text encoder: the
+  # base made so (world_base_16_v2, v3) learnt its categories' shapes, where the one with a
+  # trained encoder and text attention at 8x8 and 4x4 drew blobs (RESULTS, issue 7).
+  c.model.cross_attention_resolutions = (c.image_size, c.image_size // 2, c.image_size // 4)
+  c.model.text_encoder.freeze = True
   # The demo attention at the image's full and half size. At a quarter (4x4 at 16x16) it
   # cannot even learn to copy a demo; at half alone the apprentice read its demos weakly
   # (demo gain DINO 0.12); adding full size took it to 0.33 (RESULTS, issue 7).
@@ -78,12 +83,14 @@ def get_config(arg=None):
   c.clip.identity_weight = 5.0
   c.dino.num_steps = 125
 
-  # Base: ~55-140 images/s at 16x16 on 2 cores (CPU-dependent). At 16x16 the demo starts from
-  # this base, shipped in the package (configs/world_base.py makes it, ~1 hour), as SuTI
-  # starts from a pre-trained Imagen. `--config.pretrain.base_checkpoint=` (empty)
+  # Base: ~55-160 images/s at 16x16 on 2 cores (CPU-dependent). At 16x16 the demo starts from
+  # this base, shipped in the package (configs/world_base.py makes one like it, ~2 hours), as
+  # SuTI starts from a pre-trained Imagen. `--config.pretrain.base_checkpoint=` (empty)
   # pre-trains it in the run, which takes longer than the rest of the demo.
-  c.pretrain.base_checkpoint = "embedded:world_base_16" if c.image_size == 16 else ""
-  c.pretrain.num_steps = 2500
+  c.pretrain.base_checkpoint = "embedded:world_base_16_v3" if c.image_size == 16 else ""
+  # v3's run length (a cosine over 16000 steps of 64, stopped at 15000; about 2 hours on 2
+  # cores): between 7500 and 15000 steps the base learnt to draw its categories' shapes.
+  c.pretrain.num_steps = 16000
   c.pretrain.batch_size = 64
   c.pretrain.learning_rate = 1e-3
   c.pretrain.warmup_steps = 100
@@ -113,9 +120,9 @@ def get_config(arg=None):
   # lambda on the world CLIP's scale, which scored the earlier base's soft samples below the
   # clean demos. On its buffer (RESULTS, issue 7): -0.5 admitted 80%, -0.1 69% and the
   # apprentice trained on them drew better on both counts (64 held-out images: DINO +0.008,
-  # CLIP-T +0.023); 0.0 kept 48% and its apprentice lost the prompt. The current base's
-  # samples draw the prompt's skills: -0.1 admits 96% of them. Re-applied to that buffer,
-  # the paper's 0.02 admits 57%, and the samples it drops are those nearest their subject
+  # CLIP-T +0.023); 0.0 kept 48% and its apprentice lost the prompt. A later base's samples
+  # drew the prompt's skills and -0.1 admitted 96% of them (v3's: 98%). Re-applied to that
+  # buffer, the paper's 0.02 admits 57%, and the samples it drops are those nearest their subject
   # (DINO to the oracle 0.722 -> 0.685) for no gain in CLIP-T (RESULTS, issue 7).
   c.experts.delta_clip_threshold = -0.1
 

@@ -82,6 +82,8 @@ def test_demo_config_sizes_and_a_bad_argument():
   # The same network at every size: attention and patches at the same fractions of the image.
   for c in sizes.values():
     assert c.model.attention_resolutions == (c.image_size // 4,)
+    assert c.model.cross_attention_resolutions == (c.image_size, c.image_size // 2,
+                                                   c.image_size // 4)
     assert c.image_size // c.clip.patch_size == 8
   with pytest.raises(config_lib.ConfigError, match="configs/demo.py takes no argument"):
     load_config("demo", "128")

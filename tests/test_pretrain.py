@@ -206,23 +206,39 @@ def test_a_frozen_world_text_encoder_stays_at_its_fixed_initialisation(data_work
     pretrain.load_base(config, tmp_path)
 
 
-def test_the_demo_starts_from_its_embedded_base(tmp_path):
-  """configs/demo.py's shipped base fits its model, says how it was made, and remakes with
-  configs/world_base.py, whose pre-training is the demo's own."""
-  config = load_config("demo")
-  assert config.pretrain.base_checkpoint == "embedded:world_base_16"
+@pytest.mark.parametrize("name,asset,params,steps", [("demo", "world_base_16_v3", 1304611, 15000),
+                                                     ("bench", "world_base_16", 1396387, 2500)])
+def test_the_demo_and_the_bench_start_from_their_embedded_bases(tmp_path, name, asset, params,
+                                                                steps):
+  """configs/demo.py's shipped base (v3) and configs/bench.py's (the demo's earlier one, which
+  its results were measured on) fit their models, say how they were made, and remake with
+  configs/world_base.py (the demo's pre-training; the earlier base with the overrides its
+  asset.json names)."""
+  config = load_config(name)
+  assert config.pretrain.base_checkpoint == f"embedded:{asset}"
   summary = pretrain.run(config, tmp_path)
   assert summary["trained"] is False and not (tmp_path / "pretrain").exists()
-  assert summary["params"] == 1396387
-  assert summary["provenance"]["steps"] == config.pretrain.num_steps
+  assert summary["params"] == params
+  # v3 is a 16000-step cosine run stopped at step 15000 (its rate there is 1% of the peak).
+  assert summary["provenance"]["steps"] == steps <= config.pretrain.num_steps
   assert "configs/world_base.py" in summary["provenance"]["made_by"]
-  remake = load_config("world_base")
-  assert remake.pretrain.base_checkpoint == "" and remake.stages == "data,pretrain"
-  assert remake.pretrain.to_dict() == dict(config.pretrain.to_dict(), base_checkpoint="")
   # Its params are real weights, not an initialisation: the checkpoint's step is the run's.
   with checkpoint.Checkpoints(pretrain.base_checkpoint_dir(config, tmp_path),
                               read_only=True) as ckpt:
-    assert ckpt.latest_step() == config.pretrain.num_steps
+    assert ckpt.latest_step() == steps
+  remake = load_config("world_base")
+  if name == "bench":  # the earlier base: world_base.py with the overrides its asset.json names
+    for override in ("text_encoder.freeze=False", "cross_attention_resolutions=(8,4)",
+                     "pretrain.num_steps=2500"):
+      assert override in summary["provenance"]["made_by"]
+    remake.model.text_encoder.freeze = False
+    remake.model.cross_attention_resolutions = (8, 4)
+    remake.pretrain.num_steps = 2500
+  assert remake.pretrain.base_checkpoint == "" and remake.stages == "data,pretrain"
+  assert remake.pretrain.to_dict() == dict(config.pretrain.to_dict(), base_checkpoint="")
+  assert remake.model.to_dict() == config.model.to_dict()
+  if name == "bench":
+    return
   assert load_config("demo", "32").pretrain.base_checkpoint == ""  # none shipped at 32x32
   config.pretrain.base_checkpoint = "embedded:world_base_99"
   with pytest.raises(config_lib.InputError, match="pretrain.base_checkpoint 'embedded:world_base"
@@ -236,16 +252,17 @@ def test_the_candidate_base_loads_with_its_own_model_and_reads_its_prompts(tmp_p
                                                                           num_steps, steps):
   """embedded:world_base_16_v2 (world text encoder frozen, text attention also at 16x16,
   5000 steps) and v3 (the same pre-trained to step 15000 of a 16000-step run) load with the
-  model fields their asset.json's command names, are refused with the demo's naming the
-  field, and are trained bases: on oracle renders of held-out subjects the loss is far below
-  a fresh initialisation's, and below the base's own with the prompts of other scenes (its
-  frozen text encoder must be the one it trained with)."""
+  model fields their asset.json's command names (the demo's since v3), are refused with the
+  earlier base's (configs/bench.py) naming the field, and are trained bases: on oracle renders
+  of held-out subjects the loss is far below a fresh initialisation's, and below the base's
+  own with the prompts of other scenes (its frozen text encoder must be the one it trained
+  with)."""
+  earlier = load_config("bench")
+  earlier.pretrain.base_checkpoint = f"embedded:{name}"
+  with pytest.raises(config_lib.InputError, match=r"model\..*checkpoint"):
+    pretrain.load_base(earlier, tmp_path)
   config = load_config("demo")
   config.pretrain.base_checkpoint = f"embedded:{name}"
-  with pytest.raises(config_lib.InputError, match=r"model\..*checkpoint"):
-    pretrain.load_base(config, tmp_path)
-  config.model.text_encoder.freeze = True
-  config.model.cross_attention_resolutions = (16, 8, 4)
   config.pretrain.num_steps = num_steps
   summary = pretrain.run(config, tmp_path)
   made_by = summary["provenance"]["made_by"]
