@@ -4,8 +4,8 @@
         --set=model.text_encoder.freeze=True '--set=model.cross_attention_resolutions=(16,8,4)' \
         --set=pretrain.num_steps=16000
     python -m suti.launch --config=configs/world_base.py --workdir=W \
-        --config.model.text_encoder.freeze=True '--config.model.cross_attention_resolutions=(16,8,4)' \
-        --config.pretrain.num_steps=16000
+        --config.model.text_encoder.freeze=True \
+        '--config.model.cross_attention_resolutions=(16,8,4)' --config.pretrain.num_steps=16000
 
 A shipped base keeps its params, not its optimizer state. This writes
 W/pretrain/checkpoints/STEP (STEP: the base's own step) with the base's params, a fresh
@@ -45,9 +45,10 @@ def seed_workdir(config, source: str, workdir) -> int:
   model, trainable, _ = pretrain.load_base(base_config, workdir)  # refuses another model
   data_stage.run(config, workdir)
   data = pretrain.data_iterator(config, model, workdir)
+  opt_state = pretrain.make_optimizer(config.pretrain).init(trainable)  # fresh: the base has none
   with checkpoint_lib.Checkpoints.from_config(target, config) as ckpt:
-    ckpt.save(step, params=trainable, opt_state=pretrain.make_optimizer(config.pretrain).init(trainable),
-              config=config, data_state=data.get_state(), meta={"stage": "pretrain"})
+    ckpt.save(step, params=trainable, opt_state=opt_state, config=config,
+              data_state=data.get_state(), meta={"stage": "pretrain"})
   return step
 
 
